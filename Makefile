@@ -1,0 +1,52 @@
+# directord: the commands README.md and .ci/run use.
+#
+#   make demo    start a throwaway local cluster and run the sample orchestration
+#   make test    the whole test suite (unit, integration, end-to-end) with branch coverage
+#   make check   ruff lint, ruff format check, mypy --strict
+#   make bench   the throughput benchmark (bench/throughput.py)
+#
+# Every target first makes sure .venv exists and holds directord with its dev
+# dependencies; it is rebuilt when pyproject.toml changes. Only python3 (>= 3.11,
+# with its venv module) and make are needed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all demo test check bench venv clean
+
+all: check test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "directord needs Python >= 3.11 (found $$($(PYTHON) --version))" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+	  { echo "'$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; \
+	    rm -rf $(VENV); exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/directord demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest --cov=directord --cov-branch --cov-report=term $(PYTEST_ARGS)
+
+# All three run even when one fails, so one run reports every problem.
+check: $(STAMP)
+	@status=0; \
+	for cmd in "$(BIN)/ruff check src tests bench" \
+	           "$(BIN)/ruff format --check src tests bench" \
+	           "$(BIN)/mypy --strict src"; do \
+	  echo "$$cmd"; $$cmd || status=1; \
+	done; exit $$status
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

@@ -1,0 +1,157 @@
+"""Throughput benchmark: 1000 RUN jobs on 6 local clients, plus exec --wait latency.
+
+Prints wall seconds, jobs/s, the machine's spawn floor measured in the same run
+(N times the cost of spawning /bin/sh -c "echo hello world", divided by the
+cores), and p50/p95 of one exec --wait round trip through the user API.
+
+    python bench/throughput.py [--nodes 6] [--jobs 1000] [--rounds 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from directord.connect import APIClient
+from directord.localcluster import LocalCluster
+
+
+def spawn_floor(total_jobs: int, samples: int = 500) -> tuple[float, float]:
+    """(seconds per spawn, floor seconds for total_jobs on this machine's cores)."""
+    start = time.perf_counter()
+    for _ in range(samples):
+        subprocess.run(["/bin/sh", "-c", "echo hello world"], capture_output=True, check=True)
+    per = (time.perf_counter() - start) / samples
+    return per, per * total_jobs / (os.cpu_count() or 1)
+
+
+async def exec_latency(socket_path: str, rounds: int) -> list[float]:
+    """Round trip of one RUN job to every node: submit, then wait for all results."""
+    times = []
+    async with APIClient(socket_path) as client:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            reply = await client.call(
+                "submit",
+                {
+                    "orchestrations": [{"jobs": [{"verb": "RUN", "args": "--skip-cache true"}]}],
+                    "cwd": "/",
+                },
+            )
+            async for _event in client.watch(parents=[p["id"] for p in reply["parents"]]):
+                pass
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=6)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=100, help="exec --wait samples")
+    parser.add_argument("--server-arg", action="append", default=[])
+    parser.add_argument("--client-arg", action="append", default=[])
+    parser.add_argument("--driver", default="grpc", choices=("grpc", "zmq", "messaging", "nats"))
+    parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run with gRPC mTLS (certificates from directord pki)",
+    )
+    args = parser.parse_args()
+    args.label = args.label or args.driver
+    runs = [(args.label, args.server_arg, args.client_arg)]
+    if args.tls:
+        pki_dir = tempfile.mkdtemp(prefix="directord-bench-pki-")
+        runs.append((f"{args.label}+mtls", *tls_args(pki_dir, args.nodes)))
+    for label, server_args, client_args in runs:
+        if run(label, args, server_args, client_args):
+            return 1
+    return 0
+
+
+def tls_args(pki_dir: str, nodes: int) -> tuple[list[str], list[str]]:
+    """A throwaway PKI: server and per-node client certificates, and the options to use them."""
+    from directord.security.pki import PKI
+
+    pki = PKI(pki_dir)
+    pki.init()
+    pki.issue("server", ["127.0.0.1"], "server")
+    for i in range(nodes):
+        pki.issue(f"node{i}", None, "client")
+    common = ["--grpc-ssl", "--grpc-ssl-client-auth", "--grpc-ssl-ca", str(pki.ca_cert_path)]
+    server = [
+        *common,
+        "--grpc-ssl-cert",
+        str(pki.cert_path("server")),
+        "--grpc-ssl-key",
+        str(pki.key_path("server")),
+    ]
+    client = [
+        *common,
+        "--grpc-ssl-cert",
+        f"{pki_dir}/certs/{{identity}}.crt",
+        "--grpc-ssl-key",
+        f"{pki_dir}/private/{{identity}}.key",
+    ]
+    return server, client
+
+
+def run(
+    label: str, args: argparse.Namespace, server_args: list[str], client_args: list[str]
+) -> int:
+    """One measured run; prints its figures; returns non-zero on failure."""
+    total = args.nodes * args.jobs
+    per_spawn, floor = spawn_floor(total)
+    with tempfile.TemporaryDirectory(prefix="directord-bench-") as tmp:
+        orch = Path(tmp) / "bench.yaml"
+        orch.write_text("- jobs:\n" + '  - RUN: "--skip-cache echo hello world"\n' * args.jobs)
+        with LocalCluster(
+            Path(tmp) / "cluster",
+            args.nodes,
+            heartbeat=30,
+            driver=args.driver,
+            server_args=server_args,
+            client_args=client_args,
+        ) as cluster:
+            t0 = time.perf_counter()
+            proc = cluster.cli("orchestrate", str(orch), "--wait", timeout=600)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
+                return 1
+            t0 = time.perf_counter()
+            one = cluster.cli("exec", "--verb", "RUN", "--skip-cache true", "--wait")
+            cli_wall = time.perf_counter() - t0
+            assert one.returncode == 0, one.stderr
+            lat = asyncio.run(exec_latency(cluster.socket_path, args.rounds))
+    lat.sort()
+    p50 = statistics.median(lat)
+    p95 = lat[int(len(lat) * 0.95) - 1]
+    print(f"[{label}] {args.jobs} jobs x {args.nodes} nodes = {total} results")
+    print(f"[{label}] wall            {wall:8.2f} s   ({total / wall:,.0f} jobs/s)")
+    print(
+        f"[{label}] spawn floor     {floor:8.2f} s   ({per_spawn * 1000:.3f} ms/spawn, "
+        f"{os.cpu_count()} cores)"
+    )
+    print(f"[{label}] wall / floor    {wall / floor:8.2f} x  (target <= 1.5)")
+    print(
+        f"[{label}] exec --wait     p50 {p50 * 1000:.1f} ms  p95 {p95 * 1000:.1f} ms "
+        f"over {len(lat)} rounds via the API (target p50 < 20 ms)"
+    )
+    print(
+        f"[{label}] exec --wait CLI {cli_wall * 1000:.0f} ms wall, one run, "
+        "including interpreter start"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

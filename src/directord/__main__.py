@@ -1,0 +1,7 @@
+"""``python -m directord``."""
+
+import sys
+
+from directord.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The node agent, started as ``directord client``: receive jobs, run them, report."""

@@ -1,0 +1,206 @@
+"""The node's persistent cache and job journal (one SQLite file under --cache-path).
+
+Cache: ``args``, ``envs`` and ``query`` mappings, the last state of every job
+fingerprint (sha) and every orchestration (parent) seen here. Journal: every
+job received, with its status (``queued`` -> ``running`` -> ``done`` ->
+``acked``) and its result, so that a restarted client resumes queued jobs,
+reports jobs it was running as lost, resends results the server has not
+acknowledged, and never runs a job id twice.
+
+Writes join one open transaction; :meth:`commit` is called before
+acknowledging jobs and before starting each one, so the journal on disk is
+never behind what the server or the running process believe.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from directord.errors import ConfigError
+
+SECTIONS = ("args", "envs", "query")
+EVICTABLE = ("args", "envs", "query", "jobs", "parents", "all")
+ACKED_RETENTION = 7 * 24 * 3600.0
+
+
+class NodeCache:
+    """Cache and journal of one client."""
+
+    def __init__(self, cache_path: str, *, read_only: bool = False) -> None:
+        self.path = Path(cache_path) / "cache.db"
+        if read_only:
+            # An operator's `manage --dump-cache` beside a running client: look only.
+            try:
+                self._db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None
+                )
+                self._load()
+            except sqlite3.Error as exc:
+                raise ConfigError(
+                    f"cannot read cache {self.path}: {exc}", key="cache_path"
+                ) from None
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(
+                "CREATE TABLE IF NOT EXISTS kv (section TEXT, key TEXT, value TEXT,"
+                " PRIMARY KEY (section, key));"
+                "CREATE TABLE IF NOT EXISTS shas (sha TEXT PRIMARY KEY, state TEXT, ts REAL);"
+                "CREATE TABLE IF NOT EXISTS parents (id TEXT PRIMARY KEY, state TEXT, ts REAL);"
+                "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, body BLOB, status TEXT,"
+                " result BLOB, ts REAL);"
+                "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);"
+            )
+            self._db.execute(
+                "DELETE FROM jobs WHERE status='acked' AND ts < ?", (time.time() - ACKED_RETENTION,)
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open cache {self.path}: {exc}", key="cache_path") from None
+        self._load()
+
+    def _load(self) -> None:
+        self.sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for section, key, value in self._db.execute("SELECT section, key, value FROM kv"):
+            if section in self.sections:
+                self.sections[section][key] = json.loads(value)
+        self._shas: dict[str, str] = dict(self._db.execute("SELECT sha, state FROM shas"))
+        self._parents: dict[str, str] = dict(self._db.execute("SELECT id, state FROM parents"))
+        self._in_tx = False
+
+    # ---- transactions ------------------------------------------------------------------
+    def _w(self, sql: str, params: tuple[Any, ...]) -> None:
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        self._db.execute(sql, params)
+
+    def commit(self) -> None:
+        """Make every write so far durable against a crash of this process."""
+        if self._in_tx:
+            self._db.execute("COMMIT")
+            self._in_tx = False
+
+    def close(self) -> None:
+        """Commit and close."""
+        self.commit()
+        self._db.close()
+
+    # ---- args / envs / query -------------------------------------------------------------
+    def update(self, section: str, values: dict[str, Any]) -> None:
+        """Merge values into a section."""
+        store = self.sections[section]
+        for key, value in values.items():
+            store[key] = value
+            self._w(
+                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
+                (section, key, json.dumps(value, default=str)),
+            )
+
+    def evict(self, what: str) -> None:
+        """Clear a part of the cache: args, envs, query, jobs, parents or all."""
+        if what not in EVICTABLE:
+            raise ValueError(f"cannot evict {what!r}; one of {', '.join(EVICTABLE)}")
+        parts = (*SECTIONS, "jobs", "parents") if what == "all" else (what,)
+        for part in parts:
+            if part in SECTIONS:
+                self.sections[part].clear()
+                self._w("DELETE FROM kv WHERE section=?", (part,))
+            elif part == "jobs":
+                self._shas.clear()
+                self._w("DELETE FROM shas", ())
+            elif part == "parents":
+                self._parents.clear()
+                self._w("DELETE FROM parents", ())
+
+    # ---- fingerprints and parents --------------------------------------------------------
+    def sha_state(self, sha: str) -> str | None:
+        """Last state of a job fingerprint here."""
+        return self._shas.get(sha)
+
+    def set_sha_state(self, sha: str, state: str) -> None:
+        """Record a fingerprint's last state."""
+        if self._shas.get(sha) == state:
+            return
+        self._shas[sha] = state
+        self._w("INSERT OR REPLACE INTO shas VALUES (?, ?, ?)", (sha, state, time.time()))
+
+    def parent_failed(self, parent: str) -> bool:
+        """True once a job of this orchestration failed here."""
+        return self._parents.get(parent) == "failed"
+
+    def set_parent_state(self, parent: str, state: str) -> None:
+        """Record an orchestration's state here."""
+        if self._parents.get(parent) != state:
+            self._parents[parent] = state
+            self._w("INSERT OR REPLACE INTO parents VALUES (?, ?, ?)", (parent, state, time.time()))
+
+    # ---- journal -------------------------------------------------------------------------
+    def job_status(self, job_id: str) -> str | None:
+        """Journal status of a job id, or None if never seen."""
+        row = self._db.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def add_job(self, body: dict[str, Any]) -> None:
+        """Journal a received job as queued."""
+        self._w(
+            "INSERT INTO jobs VALUES (?, ?, 'queued', NULL, ?)",
+            (body["id"], msgpack.packb(body), time.time()),
+        )
+
+    def set_running(self, job_id: str) -> None:
+        """Journal that a job started."""
+        self._w("UPDATE jobs SET status='running' WHERE id=?", (job_id,))
+
+    def set_done(self, job_id: str, result: dict[str, Any]) -> None:
+        """Journal a job's result (not yet acknowledged by the server)."""
+        self._w(
+            "UPDATE jobs SET status='done', result=?, ts=? WHERE id=?",
+            (msgpack.packb(result), time.time(), job_id),
+        )
+
+    def set_acked(self, job_ids: list[str]) -> None:
+        """The server stored these results."""
+        self._w_many(
+            "UPDATE jobs SET status='acked', body=NULL WHERE id=?", [(i,) for i in job_ids]
+        )
+
+    def _w_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        self._db.executemany(sql, rows)
+
+    def jobs_with_status(self, status: str) -> list[tuple[str, dict[str, Any] | None]]:
+        """(id, body-or-result) of journal rows in a status, oldest first."""
+        column = "result" if status == "done" else "body"
+        rows = self._db.execute(
+            f"SELECT id, {column} FROM jobs WHERE status=? ORDER BY rowid", (status,)
+        )
+        return [(i, msgpack.unpackb(blob) if blob else None) for i, blob in rows]
+
+    def result_of(self, job_id: str) -> dict[str, Any] | None:
+        """Stored result of a finished job, if still kept."""
+        row = self._db.execute("SELECT result FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return msgpack.unpackb(row[0]) if row and row[0] else None
+
+    def unacked_ids(self) -> list[str]:
+        """Ids of every job not yet acknowledged as finished by the server."""
+        return [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE status!='acked'")]
+
+    def dump(self) -> dict[str, Any]:
+        """Everything, for ``manage --dump-cache``."""
+        return {
+            **{s: dict(v) for s, v in self.sections.items()},
+            "jobs": dict(self._shas),
+            "parents": dict(self._parents),
+            "journal": dict(self._db.execute("SELECT status, count(*) FROM jobs GROUP BY status")),
+        }

@@ -1,0 +1,156 @@
+"""The ExecContext a component gets on the node: cache, templates, processes, server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+
+from directord.agent import executor
+from directord.components.base import ProcessResult
+from directord.errors import ComponentError
+
+if TYPE_CHECKING:
+    from directord.agent.app import Agent
+
+CHUNK = 1024 * 1024
+WINDOW = 4  # chunk requests in flight per file transfer
+_JINJA = jinja2.Environment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+)
+_TEMPLATES: dict[str, jinja2.Template] = {}
+
+
+def render_template(text: str, values: Mapping[str, Any]) -> str:
+    """Render Jinja2 text; plain text (no ``{{``/``{%``) is returned as is."""
+    if "{{" not in text and "{%" not in text:
+        return text
+    template = _TEMPLATES.get(text)
+    if template is None:
+        try:
+            template = _JINJA.from_string(text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ComponentError(f"template error: {exc.message} (line {exc.lineno})") from None
+        if len(_TEMPLATES) > 512:
+            _TEMPLATES.clear()
+        _TEMPLATES[text] = template
+    try:
+        return template.render(values)
+    except jinja2.UndefinedError as exc:
+        raise ComponentError(f"template error: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise ComponentError(f"template error: {exc}") from None
+
+
+class JobContext:
+    """Implements components.base.ExecContext for one job."""
+
+    def __init__(self, agent: Agent, job: dict[str, Any]) -> None:
+        self._agent = agent
+        self.job = job
+        self.job_id = str(job["id"])
+        self.identity = agent.identity
+        self.timeout = float(job.get("timeout", 600.0))
+        self.vars = dict(job.get("vars") or {})
+        self.files: list[dict[str, Any]] = list(job.get("files") or [])
+        cache = agent.cache.sections
+        self.args = cache["args"]
+        self.envs = cache["envs"]
+        self.query = cache["query"]
+
+    def render(self, text: str) -> str:
+        return render_template(
+            text, {"identity": self.identity, **self.args, "query": self.query, **self.vars}
+        )
+
+    def update_cache(self, section: str, values: Mapping[str, Any]) -> None:
+        self._agent.cache.update(section, dict(values))
+
+    def evict_cache(self, section: str) -> None:
+        self._agent.cache.evict(section)
+
+    def environment(self) -> Mapping[bytes, bytes]:
+        """The agent's environment plus cached ENV values, encoded for spawning."""
+        return executor.encoded_environment({k: str(v) for k, v in self.envs.items()})
+
+    async def run_shell(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        block: bool = True,
+    ) -> ProcessResult:
+        environment = executor.encoded_environment(env) if env is not None else (self.environment())
+        if not block:
+            await executor.spawn_detached(command, environment)
+            return ProcessResult(rc=0, stdout="", stderr="")
+        on_output = self._agent.output_sink(self.job_id) if self.job.get("stream") else None
+        return await executor.run_shell(command, environment, timeout=timeout, on_output=on_output)
+
+    async def request(self, method: str, params: dict[str, Any]) -> Any:
+        return await self._agent.request(method, params)
+
+    async def fetch_bytes(self, index: int, limit: int) -> bytes:
+        info = self.job["files"][index]
+        if info["size"] > limit:
+            raise ComponentError(
+                f"{info['name']}: {info['size']} bytes is too large for a blueprint (limit {limit})"
+            )
+        data = bytearray()
+        while len(data) < info["size"]:
+            reply = await self.request(
+                "chunk", {"job": self.job_id, "index": index, "offset": len(data)}
+            )
+            if not reply["data"]:
+                break
+            data += reply["data"]
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise ComponentError(f"{info['name']}: checksum mismatch after transfer")
+        return bytes(data)
+
+    async def fetch_file(self, index: int, dest: str, expected_sha256: str, size: int) -> None:
+        """Stream a job file into ``dest`` via a temp file; keep at most WINDOW chunks queued."""
+        folder = os.path.dirname(dest) or "."
+        fd, tmp = tempfile.mkstemp(prefix=".directord-", dir=folder)
+        digest = hashlib.sha256()
+        offsets = list(range(0, size, CHUNK))
+        pending: dict[int, asyncio.Task[Any]] = {}
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for i, offset in enumerate(offsets):
+                    for ahead in offsets[i : i + WINDOW]:
+                        if ahead not in pending:
+                            pending[ahead] = asyncio.create_task(
+                                self.request(
+                                    "chunk", {"job": self.job_id, "index": index, "offset": ahead}
+                                )
+                            )
+                    reply = await pending.pop(offset)
+                    data = reply["data"]
+                    digest.update(data)
+                    fh.write(data)
+            if digest.hexdigest() != expected_sha256:
+                raise ComponentError(
+                    f"checksum mismatch for {dest}: the file changed on the "
+                    f"server or was damaged in transfer"
+                )
+            os.replace(tmp, dest)
+        except BaseException:
+            for task in pending.values():
+                task.cancel()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def request_restart(self) -> None:
+        self._agent.restart_after = self.job_id
+
+    async def query_exchange(self, value: Any, wait: bool) -> dict[str, Any] | None:
+        return await self._agent.query_exchange(self.job_id, value, wait)

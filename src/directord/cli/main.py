@@ -1,0 +1,232 @@
+"""``directord`` entry point: global options, subcommands, error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from directord import __version__
+from directord.config import Settings, load_settings, option_fields
+from directord.errors import (
+    APIError,
+    ConfigError,
+    DatastoreError,
+    DirectordError,
+    OrchestrationError,
+    ServerUnavailable,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+SCOPES = {
+    "server": {"server"},
+    "client": {"client"},
+    "exec": {"user"},
+    "orchestrate": {"user"},
+    "manage": {"user"},
+    "demo": set(),
+    "pki": {"pki"},
+}
+
+
+def _add_options(parser: argparse.ArgumentParser, scopes: set[str]) -> None:
+    """Add the Settings options visible for a command; unset flags are left out."""
+    for f in option_fields():
+        wanted = f.metadata["scopes"]
+        if "all" not in wanted and not (wanted & scopes):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = (
+            f.type
+            if isinstance(f.type, type)
+            else {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+        )
+        if kind is bool:
+            parser.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"]
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{f.metadata['help']} (default: {f.default!r})",
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="directord", description="Asynchronous deployment and operations platform."
+    )
+    parser.add_argument("--version", action="version", version=f"directord {__version__}")
+    _add_options(parser, {"server", "client", "user", "pki"})
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("server", help="run the server")
+    _add_options(p, SCOPES["server"])
+    p.add_argument(
+        "--zmq-generate-keys",
+        action="store_true",
+        help="write ZeroMQ curve keys under --zmq-key-dir (backing up old ones) and exit",
+    )
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --zmq-generate-keys: a keypair bound to this node (repeatable)",
+    )
+    p = sub.add_parser("client", help="run the node agent")
+    _add_options(p, SCOPES["client"])
+
+    p = sub.add_parser("exec", help="run one job on the nodes")
+    _add_options(p, SCOPES["exec"])
+    p.add_argument("--verb", required=True, help="component verb, e.g. RUN")
+    p.add_argument("args", nargs="*", help="the verb's arguments, e.g. 'echo hello'")
+    _add_run_options(p)
+
+    p = sub.add_parser("orchestrate", help="run orchestration files")
+    _add_options(p, SCOPES["orchestrate"])
+    p.add_argument("files", nargs="+", help="orchestration YAML files")
+    p.add_argument(
+        "--restrict",
+        nargs="+",
+        default=[],
+        metavar="SHA",
+        help="run only the jobs with these fingerprints (prefixes)",
+    )
+    p.add_argument("--ignore-cache", action="store_true", help="run even cached jobs")
+    p.add_argument(
+        "--finger-print",
+        action="store_true",
+        help="print every job's fingerprint and exit without running",
+    )
+    _add_run_options(p)
+
+    p = sub.add_parser("manage", help="inspect and manage the cluster")
+    _add_options(p, SCOPES["manage"])
+    from directord.cli.manage import add_arguments as manage_args
+
+    manage_args(p)
+
+    p = sub.add_parser("pki", help="the built-in certificate authority")
+    _add_options(p, SCOPES["pki"])
+    from directord.cli.pki import add_arguments as pki_args
+
+    pki_args(p)
+
+    p = sub.add_parser("demo", help="start a throwaway local cluster and run a sample")
+    _add_options(p, SCOPES["demo"])
+    p.add_argument("--nodes", type=int, default=3, help="number of local clients (3)")
+    p.add_argument("--keep", action="store_true", help="leave the cluster running until Ctrl-C")
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="run on this node (repeatable); default every online node",
+    )
+    p.add_argument("--force-async", action="store_true", help="run beside other orchestrations")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the end; exit 0 only if every job succeeded everywhere",
+    )
+    mode.add_argument("--poll", action="store_true", help="print each result as it arrives")
+    mode.add_argument("--stream", action="store_true", help="print output lines live")
+    p.add_argument(
+        "--format", choices=("table", "json"), default="table", help="output format (table)"
+    )
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Resolve Settings from the flags given (only explicitly given ones override)."""
+    names = {f.name for f in option_fields()}
+    flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k in names}
+    return load_settings(flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if ns.command != "exec":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # `exec --verb RUN --skip-cache 'cmd'`: options of the component, kept in order.
+        ns.args = extra + ns.args
+    try:
+        settings = settings_from(ns)
+        command = ns.command
+        if command == "server" and ns.zmq_generate_keys:
+            from directord.cli.keys import generate_keys
+
+            return generate_keys(settings, ns.client)
+        if command == "server":
+            from directord.cli.daemons import run_server
+
+            return run_server(settings)
+        if command == "client":
+            from directord.cli.daemons import run_client
+
+            return run_client(settings)
+        if command in ("exec", "orchestrate"):
+            from directord.cli.jobs import run_jobs
+
+            return run_jobs(command, ns, settings)
+        if command == "manage":
+            from directord.cli.manage import run_manage
+
+            return run_manage(ns, settings)
+        if command == "pki":
+            from directord.cli.pki import run_pki
+
+            return run_pki(ns, settings)
+        if command == "demo":
+            from directord.cli.demo import run_demo
+
+            return run_demo(ns, settings)
+    except ServerUnavailable as exc:
+        print(f"directord: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (ConfigError, OrchestrationError) as exc:
+        print(f"directord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except APIError as exc:
+        print(f"directord: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.kind in ("OrchestrationError", "ConfigError") else EXIT_FAILED
+    except (DatastoreError, DirectordError) as exc:
+        print(f"directord: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`directord manage --list-jobs | head`): stop quietly,
+        # and keep the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="directord-crash-", suffix=".txt", delete=False
+        ) as fh:
+            traceback.print_exc(file=fh)
+        print(f"directord: internal error; traceback written to {fh.name}", file=sys.stderr)
+        return EXIT_FAILED
+    parser.error(f"unknown command {ns.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Component registry and job building.
+
+Components register through the ``directord.components`` entry-point group
+(the built-ins are declared the same way in our pyproject). User components:
+Python files in ``/etc/directord/components`` defining a :class:`Component`
+subclass are loaded too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from directord.components.base import Component, ExecHelp
+from directord.errors import ComponentArgsError, OrchestrationError
+from directord.models import JobSpec, job_sha
+
+__all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs"]
+
+USER_COMPONENT_DIR = "/etc/directord/components"
+_REGISTRY: dict[str, type[Component]] = {}
+_INSTANCES: dict[str, Component] = {}
+
+
+def _load_user_components(directory: str) -> None:
+    path = Path(directory)
+    if not path.is_dir():
+        return
+    for file in sorted(path.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"directord_user_{file.stem}", file)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Component)
+                and obj is not Component
+                and getattr(obj, "verb", None)
+            ):
+                _REGISTRY.setdefault(obj.verb.upper(), obj)
+
+
+def _registry() -> dict[str, type[Component]]:
+    if not _REGISTRY:
+        for ep in entry_points(group="directord.components"):
+            _REGISTRY[ep.name.upper()] = ep.load()
+        _load_user_components(USER_COMPONENT_DIR)
+    return _REGISTRY
+
+
+def known_verbs() -> list[str]:
+    """Every verb that can be used in an orchestration."""
+    return sorted(_registry())
+
+
+def get_component(verb: str) -> Component:
+    """The (cached) component instance for a verb.
+
+    Raises:
+        ComponentArgsError: unknown verb; the message lists the closest known ones.
+    """
+    key = verb.upper()
+    inst = _INSTANCES.get(key)
+    if inst is not None:
+        return inst
+    cls = _registry().get(key)
+    if cls is None:
+        close = difflib.get_close_matches(key, known_verbs(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ComponentArgsError(
+            f"unknown verb {verb!r}{hint}; known verbs: {', '.join(known_verbs())}"
+        )
+    inst = _INSTANCES[key] = cls()
+    return inst
+
+
+def build_job(
+    verb: str,
+    argstring: str,
+    *,
+    job_vars: Mapping[str, Any] | None = None,
+    name: str = "",
+    assign: tuple[str, ...] = (),
+    skip_cache: bool = False,
+    cwd: str = "/",
+    prepare: bool = True,
+    where: str = "<exec>",
+    line: int | None = None,
+) -> JobSpec:
+    """Parse and prepare one job; raise OrchestrationError naming where it came from.
+
+    Raises:
+        OrchestrationError: unknown verb or bad arguments (``where``/``line`` say where).
+        ExecHelp: ``--exec-help`` was given.
+    """
+    if job_vars is not None and not isinstance(job_vars, Mapping):
+        raise OrchestrationError("vars must be a mapping", path=where, line=line)
+    try:
+        component = get_component(verb)
+        options = component.parse(argstring, job_vars)
+        if prepare:
+            options = component.prepare(options, cwd)
+    except ComponentArgsError as exc:
+        raise OrchestrationError(str(exc), path=where, line=line) from None
+    timeout = float(options.pop("timeout"))
+    run_once = bool(options.pop("run_once"))
+    skip = bool(options.pop("skip_cache")) or skip_cache
+    return JobSpec(
+        verb=verb.upper(),
+        options=options,
+        sha=job_sha(verb.upper(), options, timeout, run_once),
+        timeout=timeout,
+        run_once=run_once,
+        skip_cache=skip,
+        name=name,
+        assign=assign,
+        vars=dict(job_vars or {}),
+    )

@@ -1,0 +1,166 @@
+"""ADD and COPY: send files from the submitting machine to the nodes.
+
+The source glob is expanded where the job is submitted; each matching file is
+hashed there and only those files can ever be fetched by a node, and only by
+a node the job targets. Files stream in 1 MiB chunks into a temporary file
+beside the destination, are checked against their SHA-256 and then renamed
+into place. A destination whose content already matches is not transferred.
+``--blueprint`` renders the file with the node's cached args first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import hashlib
+import os
+from typing import Any, ClassVar
+
+from directord.components.base import Component, ExecContext, Outcome
+from directord.components.files import apply_owner_mode, parse_mode
+from directord.errors import ComponentArgsError, ComponentError
+
+BLUEPRINT_LIMIT = 16 * 1024 * 1024
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def per_node_name(src: str, identity: str) -> str:
+    """The file name a node may receive from a ``--per-node`` COPY."""
+    return os.path.basename(src).replace("{identity}", identity)
+
+
+def _same_file(path: str, size: int, sha256: str) -> bool:
+    """True when ``path`` already holds exactly this content."""
+    return os.path.isfile(path) and os.path.getsize(path) == size and sha256_file(path) == sha256
+
+
+def _write_if_changed(path: str, content: bytes) -> bool:
+    """Atomically write content unless the file already holds it; True if written."""
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            if fh.read() == content:
+                return False
+    tmp = f"{path}.directord-tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(content)
+    os.replace(tmp, path)
+    return True
+
+
+class Copy(Component):
+    """``COPY: [--chown U[:G]] [--chmod MODE] [--blueprint] SRC_GLOB DEST``."""
+
+    verb: ClassVar[str] = "COPY"
+    summary: ClassVar[str] = "Copy files matching SRC_GLOB to DEST on the nodes."
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--chown", metavar="USER[:GROUP]", help="owner of the copied files")
+        parser.add_argument("--chmod", metavar="MODE", help="octal mode of the copied files")
+        parser.add_argument(
+            "--blueprint",
+            action="store_true",
+            help="render each file as a Jinja2 template with the node's args",
+        )
+        parser.add_argument(
+            "--per-node",
+            action="store_true",
+            help="SRC contains {identity}: each node gets only the file named "
+            "for it (per-node secrets); the server enforces this",
+        )
+
+    def validate(self, options: dict[str, Any]) -> None:
+        if len(options["argv"]) != 2:
+            raise ComponentArgsError(f"{self.verb}: expected SRC_GLOB DEST")
+        if options.get("chmod"):
+            parse_mode(options["chmod"])
+        options["src"], options["dest"] = options.pop("argv")
+        if options.get("per_node") and "{identity}" not in os.path.basename(options["src"]):
+            raise ComponentArgsError(
+                f"{self.verb}: --per-node needs {{identity}} in the file name of SRC"
+            )
+
+    def prepare(self, options: dict[str, Any], cwd: str) -> dict[str, Any]:
+        pattern = os.path.join(cwd, os.path.expanduser(options["src"])).replace("{identity}", "*")
+        matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        if not matches and not options.get("per_node"):
+            raise ComponentArgsError(f"{self.verb}: no file matches {options['src']!r}")
+        files = []
+        for path in matches:
+            try:
+                files.append(
+                    {
+                        "path": os.path.abspath(path),
+                        "name": os.path.basename(path),
+                        "size": os.path.getsize(path),
+                        "sha256": sha256_file(path),
+                    }
+                )
+            except OSError as exc:
+                raise ComponentArgsError(
+                    f"{self.verb}: cannot read {path}: {exc.strerror}"
+                ) from None
+        return {**options, "_files": files}
+
+    async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:
+        files = ctx.files
+        indexes = list(range(len(files)))
+        if options.get("per_node"):
+            own = per_node_name(options["src"], ctx.identity)
+            indexes = [i for i in indexes if files[i]["name"] == own]
+            if not indexes:
+                # Nodes without a file of their own (e.g. on the shared key) have nothing to do.
+                return Outcome.ok(f"no {own} for this node")
+        if not files:
+            return Outcome.fail(f"{self.verb}: the job carries no files")
+        dest = ctx.render(options["dest"])
+        into_dir = (
+            dest.endswith("/") or len(indexes) > 1 or await asyncio.to_thread(os.path.isdir, dest)
+        )
+        lines = []
+        for index in indexes:
+            info = files[index]
+            target = os.path.join(dest, info["name"]) if into_dir else dest
+            await asyncio.to_thread(os.makedirs, os.path.dirname(target) or ".", exist_ok=True)
+            if options.get("blueprint"):
+                changed = await self._blueprint(ctx, index, target)
+            else:
+                changed = await self._transfer(ctx, index, info, target)
+            try:
+                apply_owner_mode(target, options.get("chown"), options.get("chmod"))
+            except (OSError, KeyError, ValueError) as exc:
+                raise ComponentError(f"{self.verb} {target}: {exc}") from None
+            lines.append(f"{'copied' if changed else 'unchanged'} {target}")
+        return Outcome.ok("\n".join(lines))
+
+    async def _transfer(
+        self, ctx: ExecContext, index: int, info: dict[str, Any], target: str
+    ) -> bool:
+        if await asyncio.to_thread(_same_file, target, int(info["size"]), info["sha256"]):
+            return False
+        await ctx.fetch_file(index, target, info["sha256"], int(info["size"]))
+        return True
+
+    async def _blueprint(self, ctx: ExecContext, index: int, target: str) -> bool:
+        raw = await ctx.fetch_bytes(index, BLUEPRINT_LIMIT)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ComponentError(f"{self.verb}: --blueprint needs a UTF-8 text file") from None
+        content = ctx.render(text).encode()
+        return await asyncio.to_thread(_write_if_changed, target, content)
+
+
+class Add(Copy):
+    """``ADD``: the same as COPY."""
+
+    verb: ClassVar[str] = "ADD"

@@ -1,0 +1,59 @@
+"""JOB_WAIT: wait until a job (by fingerprint) has ended on the named nodes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any, ClassVar
+
+from directord.components.base import Component, ExecContext, Outcome
+from directord.errors import ComponentArgsError
+from directord.models import State
+
+POLL = 0.25
+
+
+class JobWait(Component):
+    """``JOB_WAIT: [--job-timeout N] [--identity NODE ...] SHA``."""
+
+    verb: ClassVar[str] = "JOB_WAIT"
+    summary: ClassVar[str] = "Wait until the job with this SHA ended on the named nodes."
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--job-timeout", type=float, default=600.0, help="seconds to wait (600)"
+        )
+        parser.add_argument(
+            "--identity",
+            action="append",
+            default=[],
+            help="node to wait for (repeatable; default: this node)",
+        )
+
+    def validate(self, options: dict[str, Any]) -> None:
+        if len(options["argv"]) != 1:
+            raise ComponentArgsError("JOB_WAIT: expected exactly one job SHA")
+
+    async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:
+        sha = options["argv"][0]
+        nodes = list(options.get("identity") or []) or [ctx.identity]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(options["job_timeout"])
+        while True:
+            status = await ctx.request("job_status", {"sha": sha, "identities": nodes})
+            if all(status.get(n) for n in nodes):
+                bad = {n: s for n, s in status.items() if not State(s).ok}
+                if bad:
+                    return Outcome.fail(
+                        "job ended unsuccessfully on: "
+                        + ", ".join(f"{n} ({s})" for n, s in sorted(bad.items()))
+                    )
+                return Outcome.ok(f"job {sha[:12]} ended on {', '.join(nodes)}")
+            if loop.time() > deadline:
+                waiting = [n for n in nodes if not status.get(n)]
+                return Outcome.fail(
+                    f"JOB_WAIT: still waiting for {', '.join(waiting)} after "
+                    f"{options['job_timeout']:g}s"
+                )
+            await asyncio.sleep(POLL)

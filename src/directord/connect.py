@@ -1,0 +1,339 @@
+"""Talking to the server's user API: an asyncio client and the DirectordConnect library.
+
+Example::
+
+    from directord import DirectordConnect
+
+    with DirectordConnect("/run/directord.sock") as conn:
+        ids = conn.orchestrate([{"jobs": [{"RUN": "uptime"}]}])
+        ok, info = conn.poll(ids[0])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from directord.config import Settings
+from directord.errors import APIError, ConfigError, ProtocolError, ServerUnavailable
+from directord.protocol import Envelope, FrameDecoder, frame
+
+DEFAULT_SOCKET = "/var/run/directord.sock"
+
+
+class APIClient:
+    """One connection to the server's API socket."""
+
+    def __init__(
+        self,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        url: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.url = url
+        self._ssl = ssl_context
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._decoder = FrameDecoder()
+        self._pending: list[Envelope] = []
+        self._rid = 0
+
+    async def connect(self) -> None:
+        """Open the socket. Raises ServerUnavailable naming the socket path."""
+        if self.url:
+            await self._connect_tcp()
+            return
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(
+                self.socket_path, limit=2**20
+            )
+        except FileNotFoundError:
+            raise ServerUnavailable(
+                f"cannot reach the directord server: {self.socket_path} does not exist "
+                "(is the server running? see --socket-path)"
+            ) from None
+        except PermissionError:
+            raise ServerUnavailable(
+                f"cannot reach the directord server: permission denied on {self.socket_path} "
+                "(join its --socket-group)"
+            ) from None
+        except OSError as exc:
+            raise ServerUnavailable(
+                f"cannot reach the directord server at {self.socket_path}: {exc.strerror or exc}"
+            ) from None
+
+    async def _connect_tcp(self) -> None:
+        parsed = urlsplit(self.url)
+        if parsed.scheme != "tls" or not parsed.hostname or not parsed.port:
+            raise ConfigError(
+                f"--api-url must look like tls://HOST:PORT, not {self.url!r}", key="api_url"
+            )
+        try:
+            self._reader, self._writer = await asyncio.open_connection(
+                parsed.hostname,
+                parsed.port,
+                ssl=self._ssl,
+                server_hostname=parsed.hostname,
+                limit=2**20,
+                ssl_handshake_timeout=10.0,
+            )
+        except ssl.SSLError as exc:
+            raise ServerUnavailable(f"TLS with {self.url} failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ServerUnavailable(
+                f"cannot reach the directord API at {self.url}: {exc.strerror or exc}"
+            ) from None
+        self.socket_path = self.url
+
+    async def close(self) -> None:
+        """Close the socket."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def __aenter__(self) -> APIClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _send(self, method: str, params: dict[str, Any]) -> int:
+        if self._writer is None:
+            await self.connect()
+        assert self._writer is not None
+        self._rid += 1
+        self._writer.write(frame([{"t": "req", "rid": self._rid, "m": method, "p": params}]))
+        try:
+            await self._writer.drain()
+        except OSError as exc:
+            raise ServerUnavailable(
+                f"the server closed {self.socket_path}: {exc.strerror or exc}"
+            ) from None
+        return self._rid
+
+    async def _next(self) -> Envelope:
+        assert self._reader is not None
+        hint = " (was this client's certificate refused?)" if self.url else ""
+        while not self._pending:
+            try:
+                data = await self._reader.read(65536)
+            except OSError as exc:  # reset, or a TLS alert (ssl.SSLError) from the server
+                raise ServerUnavailable(
+                    f"the server closed {self.socket_path}: {exc.strerror or exc}{hint}"
+                ) from None
+            if not data:
+                raise ServerUnavailable(f"the server closed {self.socket_path}{hint}")
+            for batch in self._decoder.feed(data):
+                self._pending.extend(batch)
+        return self._pending.pop(0)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Call an API method.
+
+        Raises:
+            APIError: the server refused (its ``kind`` names the server-side error).
+            ServerUnavailable: the socket is unreachable or closed.
+        """
+        rid = await self._send(method, params or {})
+        while True:
+            reply = await self._next()
+            if reply.get("rid") != rid:
+                continue
+            if reply.get("ok"):
+                return reply.get("r")
+            err = reply.get("err") or {}
+            raise APIError(str(err.get("msg", "unknown error")), kind=str(err.get("type")))
+
+    async def watch(
+        self,
+        *,
+        parents: list[str] | None = None,
+        jobs: list[str] | None = None,
+        output: bool = False,
+        summary: bool = False,
+    ) -> AsyncIterator[Envelope]:
+        """Yield result (and output) events until every watched job has ended.
+
+        With ``summary``, successful results come without stdout/stderr.
+        """
+        rid = await self._send(
+            "watch",
+            {"parents": parents or [], "jobs": jobs or [], "output": output, "summary": summary},
+        )
+        while True:
+            event = await self._next()
+            if event.get("rid") != rid:
+                continue
+            if event.get("t") == "rep" and not event.get("ok"):
+                err = event.get("err") or {}
+                raise APIError(str(err.get("msg")), kind=str(err.get("type")))
+            if event.get("ev") == "done":
+                return
+            yield event
+
+
+def client_for(settings: Settings) -> APIClient:
+    """The API client the settings describe: the local socket, or TLS over TCP."""
+    if settings.api_url:
+        from directord.security.tls import client_tls_context
+
+        return APIClient(
+            url=settings.api_url,
+            ssl_context=client_tls_context(settings.ca, settings.cert, settings.key),
+        )
+    return APIClient(settings.socket_path)
+
+
+async def collect(client: APIClient, parents: list[str]) -> dict[str, dict[str, Any]]:
+    """Wait for orchestrations to end; return ``{job_id: {node: result}}``."""
+    results: dict[str, dict[str, Any]] = {}
+    async for event in client.watch(parents=parents):
+        if event.get("ev") == "result":
+            results.setdefault(event["job"], {})[event["node"]] = event["result"]
+    return results
+
+
+class DirectordConnect:
+    """Synchronous library access to a directord server (a context manager).
+
+    Args:
+        socket_path: the server's API socket (``--socket-path``).
+        api_url: ``tls://HOST:PORT`` to reach the API over TCP instead.
+        ca, cert, key: PEM files for ``api_url`` (client certificates are required).
+    """
+
+    def __init__(
+        self,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        api_url: str = "",
+        ca: str = "",
+        cert: str = "",
+        key: str = "",
+    ) -> None:
+        if api_url:
+            from directord.security.tls import client_tls_context
+
+            self._client = APIClient(url=api_url, ssl_context=client_tls_context(ca, cert, key))
+        else:
+            self._client = APIClient(socket_path)
+        self._runner = asyncio.Runner()
+        try:
+            self._runner.run(self._client.connect())
+        except BaseException:
+            self._runner.close()  # no object to close later: do not leak the event loop
+            raise
+
+    def __enter__(self) -> DirectordConnect:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        try:
+            self._runner.run(self._client.close())
+        finally:
+            self._runner.close()
+
+    def _call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        return self._runner.run(self._client.call(method, params))
+
+    def submit(
+        self,
+        orchestrations: list[dict[str, Any]],
+        *,
+        targets: list[str] | None = None,
+        restrict: list[str] | None = None,
+        ignore_cache: bool = False,
+        force_async: bool = False,
+        stream: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Submit normalised orchestrations; returns one record per orchestration run."""
+        reply = self._call(
+            "submit",
+            {
+                "orchestrations": orchestrations,
+                "targets": targets or [],
+                "restrict": restrict or [],
+                "ignore_cache": ignore_cache,
+                "force_async": force_async,
+                "stream": stream,
+                "cwd": os.getcwd(),
+            },
+        )
+        parents: list[dict[str, Any]] = reply["parents"]
+        return parents
+
+    def orchestrate(
+        self,
+        orchestrations: list[dict[str, Any]],
+        defined_targets: list[str] | None = None,
+        restrict: list[str] | None = None,
+        ignore_cache: bool = False,
+    ) -> list[str]:
+        """Run orchestrations given as Python data (the YAML format); returns job ids.
+
+        Raises:
+            OrchestrationError: the data is not a valid orchestration.
+            APIError: the server refused them (unknown target, bad job ...).
+        """
+        from directord.orchestration import from_python
+
+        parents = self.submit(
+            from_python(orchestrations),
+            targets=defined_targets,
+            restrict=restrict,
+            ignore_cache=ignore_cache,
+        )
+        return [job for parent in parents for job in parent["jobs"]]
+
+    def poll(self, job_id: str, timeout: float | None = None) -> tuple[bool, dict[str, Any]]:
+        """Wait for a job to end everywhere; return (every target ok, job info)."""
+
+        async def wait() -> dict[str, Any]:
+            async for _ in self._client.watch(jobs=[job_id]):
+                pass
+            info: dict[str, Any] = await self._client.call("job_info", {"id": job_id})
+            return info
+
+        info = self._runner.run(asyncio.wait_for(wait(), timeout))
+        ok = all(r["state"] in ("success", "skipped-cache") for r in info["results"].values())
+        return ok, info
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """Every known node with its status."""
+        nodes: list[dict[str, Any]] = self._call("nodes")
+        return nodes
+
+    def list_jobs(self, filter: str | None = None) -> list[dict[str, Any]]:
+        """Every job's summary (optionally only success / failed / processing)."""
+        jobs: list[dict[str, Any]] = self._call("jobs", {"filter": filter})
+        return jobs
+
+    def job_info(self, job_id: str) -> dict[str, Any]:
+        """Everything about one job (``last`` for the newest)."""
+        info: dict[str, Any] = self._call("job_info", {"id": job_id})
+        return info
+
+    def purge_nodes(self) -> int:
+        """Forget offline nodes; returns how many."""
+        return int(self._call("purge_nodes")["purged"])
+
+    def purge_jobs(self) -> int:
+        """Forget finished jobs; returns how many."""
+        return int(self._call("purge_jobs")["purged"])
+
+
+__all__ = ["APIClient", "DirectordConnect", "ProtocolError", "collect"]

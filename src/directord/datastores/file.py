@@ -1,0 +1,89 @@
+"""File datastore (``--datastore file:///DIRECTORY``): one JSON file per key.
+
+Human-readable and easy to back up; slower than sqlite for large histories.
+Each value is written to a temporary file and renamed into place, so a crash
+never leaves a half-written value. :meth:`apply` is atomic per key, not across
+keys: after a crash some keys of one batch may be new and others old.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import quote, unquote
+
+from directord.datastores.base import Datastore, Deletes, Puts, Value
+from directord.errors import ConfigError, DatastoreError
+
+
+class FileDatastore(Datastore):
+    """A directory tree ``DIR/<namespace>/<quoted key>.json``."""
+
+    scheme: ClassVar[str] = "file"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        prefix = "file://"
+        if not url.startswith(prefix) or len(url) <= len(prefix):
+            raise ConfigError(f"expected file:///DIRECTORY, got {url!r}", key="datastore")
+        self.root = Path(url[len(prefix) :])
+
+    async def start(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatastoreError(f"{self.root}: cannot create datastore: {exc}") from None
+
+    def _path(self, ns: str, key: str) -> Path:
+        return self.root / quote(ns, safe="") / (quote(key, safe="") + ".json")
+
+    async def get(self, namespace: str, key: str) -> Value | None:
+        path = self._path(namespace, key)
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise DatastoreError(f"{path}: unreadable: {exc}") from None
+        return dict(value)
+
+    async def scan(self, namespace: str) -> dict[str, Value]:
+        folder = self.root / quote(namespace, safe="")
+        out: dict[str, Value] = {}
+        if not folder.is_dir():
+            return out
+        for path in folder.glob("*.json"):
+            try:
+                out[unquote(path.name[:-5])] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise DatastoreError(f"{path}: unreadable: {exc}") from None
+        return out
+
+    async def apply(self, puts: Puts, deletes: Deletes | None = None) -> None:
+        try:
+            for ns, items in puts.items():
+                for key, value in items.items():
+                    path = self._path(ns, key)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(value, default=_bytes_to_text), encoding="utf-8")
+                    os.replace(tmp, path)
+            for ns, keys in (deletes or {}).items():
+                for key in keys:
+                    self._path(ns, key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise DatastoreError(f"{self.root}: write failed: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise DatastoreError(f"{self.root}: value cannot be stored: {exc}") from None
+
+    async def clear(self, namespace: str) -> None:
+        shutil.rmtree(self.root / quote(namespace, safe=""), ignore_errors=True)
+
+
+def _bytes_to_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

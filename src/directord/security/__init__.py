@@ -1,0 +1,1 @@
+"""Security: the built-in PKI, TLS contexts and (later) ZeroMQ curve keys."""

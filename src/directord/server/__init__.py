@@ -1,0 +1,1 @@
+"""The directord server: node registry, job queue and results, user API."""

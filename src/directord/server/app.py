@@ -1,0 +1,370 @@
+"""The server: wires a transport, a datastore, the node registry, the job book and the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from directord import __version__
+from directord.components import build_job
+from directord.components.copy import per_node_name
+from directord.config import Settings
+from directord.datastores import Datastore, open_datastore
+from directord.errors import OrchestrationError
+from directord.models import State
+from directord.protocol import pack
+from directord.server.api import APIServer
+from directord.server.jobs import JOBS, PARENTS, RESULTS, JobBook, PlannedJob
+from directord.server.nodes import NS as NODES
+from directord.server.nodes import NodeRegistry
+from directord.server.persist import Persister
+from directord.server.sessions import AgentSession
+from directord.transports import Connection, Link, Transport, load_transport
+
+log = logging.getLogger(__name__)
+CHUNK = 1024 * 1024
+
+
+class Server:
+    """A running directord server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: Transport | None = None,
+        store: Datastore | None = None,
+        activated: dict[str, socket.socket] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport or load_transport(settings)
+        activated = activated or {}
+        if "nodes" in activated:
+            self.transport.adopt(activated["nodes"])
+        self.store = store or open_datastore(settings.datastore)
+        self.persister = Persister(self.store)
+        self.nodes = NodeRegistry(self.persister)
+        self.jobs = JobBook(self.persister, settings.job_timeout_grace)
+        self.api = APIServer(self, activated.get("api"))
+        self.address = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sessions: set[AgentSession] = set()
+        self._stopped = asyncio.Event()
+        self._allowed = frozenset(
+            n.strip() for n in settings.allowed_node_names.split(",") if n.strip()
+        )
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the datastore, load history, listen for nodes and users."""
+        await self.store.start()
+        self.nodes.load(await self.store.scan(NODES))
+        self.jobs.load(
+            await self.store.scan(JOBS),
+            await self.store.scan(RESULTS),
+            await self.store.scan(PARENTS),
+        )
+        self.persister.start()
+        self.address = await self.transport.serve(self._on_connection)
+        await self.api.start()
+        self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        log.info(
+            "server %s ready: nodes on %s, API on %s, datastore %s",
+            __version__,
+            self.address,
+            self.api.where,
+            self.store.url.split("?")[0],
+        )
+        if self.settings.ready_file:
+            _write_ready(
+                self.settings.ready_file,
+                {"address": self.address, "api": self.api.where, "pid": os.getpid()},
+            )
+
+    async def wait_closed(self) -> None:
+        """Block until :meth:`close` is called."""
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        """Stop everything this server started; pending writes are flushed."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.api.close()
+        for session in list(self._sessions):
+            await session.link.close()
+        await self.transport.close()
+        await self.persister.close()
+        await self.store.close()
+        self._stopped.set()
+
+    # ---- nodes -----------------------------------------------------------------------
+    async def _on_connection(self, conn: Connection) -> None:
+        session = AgentSession(self, Link(conn, f"node@{conn.peer}"))
+        self._sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+
+    def check_identity(self, identity: str) -> str | None:
+        """Refusal reason for an identity not on ``--allowed-node-names``, else None."""
+        allowed = self._allowed
+        if allowed and identity not in allowed:
+            return f"identity {identity!r} is not in allowed_node_names"
+        return None
+
+    def node_online(self, session: AgentSession, hello: dict[str, Any]) -> None:
+        """A node (re)registered: settle what it lost, send what waits for it."""
+        identity = session.identity
+        known = {str(i) for i in hello.get("known", [])}
+        for target in self.jobs.delivered_to(identity):
+            if target.job_id not in known:
+                self.jobs.finish(
+                    identity,
+                    target,
+                    State.LOST,
+                    stderr=f"node {identity} restarted without the job",
+                )
+                self.on_target_final(target.job_id)
+        queued = self.jobs.queued_for(identity)
+        for job in queued:
+            self._send(session, job.id)
+        if queued:
+            log.info("node %s: sending %d queued jobs", identity, len(queued))
+
+    def node_gone(self, session: AgentSession, reason: str) -> None:
+        """A node's session ended."""
+        self.nodes.detach(session, reason)
+
+    def _send(self, session: AgentSession, job_id: str, packed: bytes | None = None) -> None:
+        job = self.jobs.jobs[job_id]
+        target = job.results[session.identity]
+        self.jobs.mark_sent(target)
+        session.link.post_packed(packed if packed is not None else pack(job.wire()))
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.heartbeat_interval / 2))
+            try:
+                now = time.time()
+                for session in self.nodes.expired(now):
+                    log.warning(
+                        "node %s silent for 3 heartbeat intervals; marking offline",
+                        session.identity,
+                    )
+                    session.close("silent for 3 heartbeat intervals")
+                last_seen = {i: r.last_seen for i, r in self.nodes.records.items()}
+                for job_id in self.jobs.sweep(now, last_seen, set(self.nodes.sessions)):
+                    self.on_target_final(job_id)
+            except Exception:
+                log.exception("sweeper pass failed")
+
+    # ---- submission ------------------------------------------------------------------
+    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Validate, record and dispatch orchestrations from the user API.
+
+        Raises:
+            OrchestrationError: bad job, unknown target, no nodes; nothing is stored then.
+        """
+        # Building jobs may hash large files (COPY), so it runs in a thread; it
+        # gets a snapshot of the registry, which only the event loop mutates.
+        try:
+            plans = await asyncio.to_thread(
+                self._plan, request, set(self.nodes.records), self.nodes.online()
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise OrchestrationError(
+                f"malformed submit request: {type(exc).__name__} {exc}", path="<api>"
+            ) from None
+        stream = bool(request.get("stream"))
+        recorded = [
+            (self.jobs.record(name, is_async, planned, stream)) for name, is_async, planned in plans
+        ]
+        # Accepted means stored: a crash right after the reply loses nothing.
+        await self.persister.stored()
+        out = []
+        for parent, records in recorded:
+            for job in records:
+                packed = pack(job.wire())  # encoded once, sent to every target
+                for identity in job.targets:
+                    session = self.nodes.sessions.get(identity)
+                    if session is not None:
+                        self._send(session, job.id, packed)
+            out.append(
+                {
+                    "id": parent.id,
+                    "name": parent.name,
+                    "jobs": [j.id for j in records],
+                    "targets": sorted({t for j in records for t in j.targets}),
+                    "shas": [j.sha for j in records],
+                }
+            )
+        return {"parents": out}
+
+    def _plan(
+        self, request: dict[str, Any], known: set[str], online: list[str]
+    ) -> list[tuple[str, bool, list[PlannedJob]]]:
+        cwd = str(request.get("cwd") or "/")
+        cli_targets = [str(t) for t in request.get("targets") or []]
+        restrict = [str(r) for r in request.get("restrict") or []]
+        ignore_cache = bool(request.get("ignore_cache"))
+        force_async = bool(request.get("force_async"))
+        orchestrations = request.get("orchestrations")
+        if not isinstance(orchestrations, list) or not orchestrations:
+            raise OrchestrationError("no orchestrations given", path="<api>")
+        unknown = [t for t in cli_targets if t not in known]
+        if unknown:
+            raise OrchestrationError(
+                f"unknown target node(s): {', '.join(unknown)}", path="--target"
+            )
+        plans = []
+        for o_index, orch in enumerate(orchestrations):
+            where = str(orch.get("source") or f"<api>[{o_index}]")
+            o_targets = [str(t) for t in orch.get("targets") or []]
+            planned = []
+            for j_index, job in enumerate(orch.get("jobs") or []):
+                line = job.get("line")
+                spec = build_job(
+                    str(job["verb"]),
+                    str(job.get("args", "")),
+                    job_vars=job.get("vars"),
+                    name=str(job.get("name") or ""),
+                    assign=tuple(str(a) for a in job.get("assign") or ()),
+                    skip_cache=ignore_cache,
+                    cwd=cwd,
+                    where=where,
+                    line=int(line) if line is not None else j_index + 1,
+                )
+                if restrict and not any(spec.sha.startswith(r) for r in restrict):
+                    continue
+                targets = cli_targets or list(spec.assign) or o_targets or online
+                missing = [t for t in targets if t not in known]
+                if missing:
+                    raise OrchestrationError(
+                        f"unknown target node(s): {', '.join(missing)}",
+                        path=where,
+                        line=int(line) if line is not None else None,
+                    )
+                if not targets:
+                    raise OrchestrationError("no target nodes: none is online", path=where)
+                if spec.run_once:
+                    targets = targets[:1]
+                files = spec.options.pop("_files", [])
+                planned.append(
+                    PlannedJob(spec=spec, targets=list(dict.fromkeys(targets)), files=files)
+                )
+            if planned:
+                plans.append(
+                    (str(orch.get("name") or ""), bool(orch.get("async")) or force_async, planned)
+                )
+        if not plans:
+            raise OrchestrationError("nothing to run (every job was filtered out)", path="<api>")
+        return plans
+
+    # ---- node requests -----------------------------------------------------------------
+    def on_target_final(self, job_id: str) -> None:
+        """A target of the job finished: a QUERY may now be complete."""
+        job = self.jobs.jobs.get(job_id)
+        if job is not None and job.verb == "QUERY":
+            self._maybe_finish_query(job_id)
+
+    def on_query_report(self, identity: str, job_id: str, value: Any) -> None:
+        """A node reported its value for a QUERY job."""
+        job = self.jobs.jobs.get(job_id)
+        if job is None or identity not in job.results or job.verb != "QUERY":
+            log.warning("node %s sent a query report for job %s not targeting it", identity, job_id)
+            return
+        job.query[identity] = value
+        self.persister.put(JOBS, job.id, job)
+        if job.query_done:
+            session = self.nodes.sessions.get(identity)
+            if session is not None:
+                session.link.post(self._qdata(job_id))
+        else:
+            self._maybe_finish_query(job_id)
+
+    def _qdata(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs.jobs[job_id]
+        key = job.options["argv"][0]
+        return {
+            "t": "qdata",
+            "id": job_id,
+            "data": {node: {key: value} for node, value in job.query.items()},
+        }
+
+    def _maybe_finish_query(self, job_id: str) -> None:
+        job = self.jobs.jobs[job_id]
+        if job.query_done:
+            return
+        if all(node in job.query or target.state.final for node, target in job.results.items()):
+            job.query_done = True
+            self.persister.put(JOBS, job.id, job)
+            envelope = self._qdata(job_id)
+            for node in job.results:
+                session = self.nodes.sessions.get(node)
+                if session is not None:
+                    session.link.post(envelope)
+
+    async def node_request(self, identity: str, method: str, params: dict[str, Any]) -> Any:
+        """Answer a node's request; only about jobs that target that node."""
+        if method == "chunk":
+            return await self._chunk(identity, params)
+        if method == "job_status":
+            return self._job_status(params)
+        raise OrchestrationError(f"unknown node request {method!r}", path="<node>")
+
+    async def _chunk(self, identity: str, params: dict[str, Any]) -> dict[str, Any]:
+        job = self.jobs.jobs.get(str(params.get("job")))
+        if job is None or identity not in job.results:
+            log.warning("node %s asked for a file of a job not targeting it; refused", identity)
+            raise OrchestrationError("no such job for this node", path="<node>")
+        index, offset = int(params.get("index", -1)), int(params.get("offset", -1))
+        if not 0 <= index < len(job.files) or offset < 0:
+            raise OrchestrationError("no such file in this job", path="<node>")
+        if job.options.get("per_node") and job.files[index]["name"] != per_node_name(
+            str(job.options.get("src", "")), identity
+        ):
+            log.warning(
+                "node %s asked for %s, which is another node's file; refused",
+                identity,
+                job.files[index]["name"],
+            )
+            raise OrchestrationError("that file is not for this node", path="<node>")
+        path = job.files[index]["path"]
+        size = min(int(params.get("size", CHUNK)), CHUNK)
+        data = await asyncio.to_thread(_read_chunk, path, offset, size)
+        return {"data": data, "eof": offset + len(data) >= job.files[index]["size"]}
+
+    def _job_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        sha = str(params.get("sha", ""))
+        identities = [str(i) for i in params.get("identities") or []]
+        status: dict[str, Any] = {i: None for i in identities}
+        for job in self.jobs.by_sha(sha):
+            for identity in identities:
+                target = job.results.get(identity)
+                if status[identity] is None and target is not None and target.state.final:
+                    status[identity] = str(target.state)
+        return status
+
+
+def _write_ready(path: str, data: dict[str, Any]) -> None:
+    """Tell a supervisor (or the test harness) where we listen, atomically."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_chunk(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)

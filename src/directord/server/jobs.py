@@ -1,0 +1,396 @@
+"""The job book: every job, where it stands on each node, and who is watching.
+
+State changes flow through here: submit -> queued; node ack -> delivered;
+node result -> final; deadlines -> undelivered / lost. Each change is marked
+for persistence and pushed to watchers (``--wait``/``--stream`` users).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from directord.models import JobSpec, State
+from directord.server.persist import Persister
+from directord.server.records import JobRecord, TargetRecord
+
+log = logging.getLogger(__name__)
+JOBS, RESULTS, PARENTS = "jobs", "results", "parents"
+# Output kept per result; more is cut (the head is kept) so that a chatty job
+# cannot exhaust the server's memory.
+MAX_OUTPUT = 1024 * 1024
+# Output lines of a --stream job kept until its watcher subscribes (which it can
+# only do once the submit reply is back, while the job may already be printing).
+MAX_UNREAD_LINES = 10_000
+_OK = (State.SUCCESS.value, State.SKIPPED_CACHE.value)
+
+
+@dataclass(slots=True)
+class ParentRecord:
+    """One orchestration run."""
+
+    id: str
+    name: str
+    submitted: float
+    jobs: list[str] = field(default_factory=list)
+    is_async: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "submitted": self.submitted,
+            "jobs": self.jobs,
+            "is_async": self.is_async,
+        }
+
+
+@dataclass(slots=True)
+class PlannedJob:
+    """A built job with its resolved targets, before it is recorded."""
+
+    spec: JobSpec
+    targets: list[str]
+    files: list[dict[str, Any]]
+
+
+class Watcher:
+    """A user-API subscriber to the results (and optionally output) of some jobs."""
+
+    def __init__(self, job_ids: Iterable[str], output: bool, summary: bool = False) -> None:
+        self.pending = set(job_ids)
+        self.output = output
+        # Summary watchers get successes without their output (``--wait`` on a
+        # large orchestration prints counts, and full detail only for failures).
+        self.summary = summary
+        self.events: list[dict[str, Any]] = []
+        self.wake = asyncio.Event()
+
+    def push(self, event: dict[str, Any]) -> None:
+        """Queue an event for the subscriber."""
+        if self.summary and event["ev"] == "result" and event["result"]["state"] in _OK:
+            result = event["result"]
+            event = {**event, "result": {**result, "stdout": "", "stderr": ""}}
+        self.events.append(event)
+        self.wake.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        """Everything queued so far."""
+        events, self.events = self.events, []
+        self.wake.clear()
+        return events
+
+
+class JobBook:
+    """In-memory index of jobs, backed by the datastore through the persister."""
+
+    def __init__(self, persister: Persister, grace: float) -> None:
+        self._persister = persister
+        self.grace = grace
+        self.jobs: dict[str, JobRecord] = {}
+        self.parents: dict[str, ParentRecord] = {}
+        self._order = 0
+        # Non-final (job, node) pairs per node, for dispatch on reconnect and deadlines.
+        self.pending: dict[str, dict[str, TargetRecord]] = {}
+        self._watchers: dict[str, set[Watcher]] = {}
+        self._unread: dict[str, list[dict[str, Any]]] = {}
+
+    # ---- loading -------------------------------------------------------------------
+    def load(
+        self,
+        jobs: dict[str, dict[str, Any]],
+        results: dict[str, dict[str, Any]],
+        parents: dict[str, dict[str, Any]],
+    ) -> None:
+        """Adopt stored history."""
+        for job_id, data in jobs.items():
+            self.jobs[job_id] = JobRecord.from_dict(data)
+            self._order = max(self._order, self.jobs[job_id].order)
+        for data in results.values():
+            target = TargetRecord.from_dict(data)
+            job = self.jobs.get(target.job_id)
+            if job is not None:
+                job.results[target.identity] = target
+        # Only final results are stored; a target without one is still owed.
+        for job in self.jobs.values():
+            for identity in job.targets:
+                stored = job.results.get(identity)
+                if stored is None or not stored.state.final:
+                    owed = TargetRecord(job_id=job.id, identity=identity)
+                    job.results[identity] = owed
+                    self.pending.setdefault(identity, {})[owed.key] = owed
+        for parent_id, data in parents.items():
+            self.parents[parent_id] = ParentRecord(
+                id=parent_id,
+                name=data.get("name", ""),
+                submitted=data.get("submitted", 0.0),
+                jobs=list(data.get("jobs", [])),
+                is_async=bool(data.get("is_async")),
+            )
+
+    # ---- submission ----------------------------------------------------------------
+    def record(
+        self, name: str, is_async: bool, planned: list[PlannedJob], stream: bool
+    ) -> tuple[ParentRecord, list[JobRecord]]:
+        """Create the records of one orchestration run (all targets queued)."""
+        now = time.time()
+        parent = ParentRecord(id=str(uuid.uuid4()), name=name, submitted=now, is_async=is_async)
+        records = []
+        for plan in planned:
+            self._order += 1
+            spec = plan.spec
+            job = JobRecord(
+                id=str(uuid.uuid4()),
+                parent_id=parent.id,
+                parent_name=name,
+                verb=spec.verb,
+                sha=spec.sha,
+                options=spec.options,
+                vars=spec.vars,
+                timeout=spec.timeout,
+                run_once=spec.run_once,
+                skip_cache=spec.skip_cache,
+                name=spec.name,
+                lane=parent.id if is_async else "",
+                stream=stream,
+                submitted=now,
+                order=self._order,
+                targets=list(plan.targets),
+                files=plan.files,
+            )
+            # Targets are not stored while queued: the job record lists them, and
+            # load() rebuilds every target that has no final result yet.
+            for identity in job.targets:
+                target = TargetRecord(job_id=job.id, identity=identity)
+                job.results[identity] = target
+                self.pending.setdefault(identity, {})[target.key] = target
+            self.jobs[job.id] = job
+            parent.jobs.append(job.id)
+            self._persister.put(JOBS, job.id, job)
+            records.append(job)
+        self.parents[parent.id] = parent
+        self._persister.put(PARENTS, parent.id, parent)
+        log.info("orchestration %s (%s): %d jobs queued", parent.id, name or "-", len(records))
+        return parent, records
+
+    def queued_for(self, identity: str) -> list[JobRecord]:
+        """Jobs waiting to be sent to a node, in submission order."""
+        jobs = [
+            self.jobs[t.job_id]
+            for t in self.pending.get(identity, {}).values()
+            if t.state is State.QUEUED
+        ]
+        return sorted(jobs, key=lambda j: j.order)
+
+    def delivered_to(self, identity: str) -> list[TargetRecord]:
+        """Targets a node acknowledged but has not finished."""
+        return [t for t in self.pending.get(identity, {}).values() if t.state is State.DELIVERED]
+
+    # ---- node reports --------------------------------------------------------------
+    def target_of(self, job_id: str, identity: str) -> TargetRecord | None:
+        """The result slot of a job for a node, if that node is a target of it."""
+        job = self.jobs.get(job_id)
+        return job.results.get(identity) if job is not None else None
+
+    def mark_sent(self, target: TargetRecord) -> None:
+        """The job went out to the node (not yet acknowledged)."""
+        target.sent = time.time()
+
+    def mark_delivered(self, identity: str, job_ids: Iterable[str]) -> None:
+        """The node acknowledged it holds these jobs.
+
+        Not stored: after a server restart a delivered job counts as queued
+        again, is re-sent, and the node's journal makes the re-send harmless.
+        """
+        now = time.time()
+        for job_id in job_ids:
+            target = self.target_of(str(job_id), identity)
+            if target is not None and target.state is State.QUEUED:
+                target.state = State.DELIVERED
+                target.delivered = now
+
+    def finish(
+        self,
+        identity: str,
+        target: TargetRecord,
+        state: State,
+        *,
+        rc: int | None = None,
+        stdout: str = "",
+        stderr: str = "",
+        exec_time: float | None = None,
+    ) -> None:
+        """Put a (job, node) into a final state, once."""
+        if target.state.final:
+            return
+        now = time.time()
+        target.state = state
+        target.rc = rc
+        target.stdout = stdout[:MAX_OUTPUT]
+        target.stderr = stderr[:MAX_OUTPUT]
+        target.exec_time = exec_time
+        target.finished = now
+        if target.sent is not None:
+            target.roundtrip = now - target.sent
+        self.pending.get(identity, {}).pop(target.key, None)
+        self._persister.put(RESULTS, target.key, target)
+        job = self.jobs[target.job_id]
+        if not state.ok:
+            log.error("job %s (%s) %s on %s", job.id, job.verb, state, identity)
+        if job.id in self._watchers:
+            self._notify(
+                job,
+                {
+                    "ev": "result",
+                    "job": job.id,
+                    "node": identity,
+                    "result": target.to_dict(),
+                    "verb": job.verb,
+                    "name": job.name,
+                    "parent": job.parent_id,
+                },
+            )
+
+    def output(self, identity: str, job_id: str, stream: str, data: str) -> None:
+        """Forward live output to watchers that asked for it (only a target's own)."""
+        if self.target_of(job_id, identity) is None:
+            log.warning(
+                "node %s sent output for job %s, which does not target it; ignored",
+                identity,
+                job_id,
+            )
+            return
+        event = {"ev": "out", "job": job_id, "node": identity, "stream": stream, "data": data}
+        seen = False
+        for watcher in self._watchers.get(job_id, ()):
+            if watcher.output:
+                watcher.push(event)
+                seen = True
+        if not seen and self.jobs[job_id].stream:
+            unread = self._unread.setdefault(job_id, [])
+            if len(unread) < MAX_UNREAD_LINES:
+                unread.append(event)
+
+    # ---- deadlines -----------------------------------------------------------------
+    def sweep(self, now: float, last_seen: dict[str, float], online: set[str]) -> set[str]:
+        """Give up on jobs whose node stayed away past the job's deadline.
+
+        Returns the ids of the jobs it changed. Only pending targets are visited,
+        so the cost follows the work in flight, not the size of the history.
+        """
+        changed: set[str] = set()
+        for identity, targets in list(self.pending.items()):
+            for target in list(targets.values()):
+                job = self.jobs[target.job_id]
+                deadline = job.timeout + self.grace
+                if target.state is State.QUEUED and now > job.submitted + deadline:
+                    self.finish(
+                        identity,
+                        target,
+                        State.UNDELIVERED,
+                        stderr=f"node {identity} did not take the job before its deadline",
+                    )
+                    changed.add(job.id)
+                elif (
+                    target.state is State.DELIVERED
+                    and identity not in online
+                    and now > last_seen.get(identity, 0.0) + deadline
+                ):
+                    self.finish(
+                        identity,
+                        target,
+                        State.LOST,
+                        stderr=f"node {identity} went away while holding the job",
+                    )
+                    changed.add(job.id)
+            if not targets:
+                del self.pending[identity]
+        return changed
+
+    # ---- watchers ------------------------------------------------------------------
+    def watch(self, job_ids: Iterable[str], output: bool, summary: bool = False) -> Watcher:
+        """Subscribe to jobs; results already final are replayed at once."""
+        ids = [j for j in job_ids if j in self.jobs]
+        watcher = Watcher(ids, output, summary)
+        for job_id in ids:
+            job = self.jobs[job_id]
+            if output:
+                for event in self._unread.pop(job_id, ()):
+                    watcher.push(event)
+            for identity, target in job.results.items():
+                if target.state.final:
+                    watcher.push(
+                        {
+                            "ev": "result",
+                            "job": job_id,
+                            "node": identity,
+                            "result": target.to_dict(),
+                            "verb": job.verb,
+                            "name": job.name,
+                            "parent": job.parent_id,
+                        }
+                    )
+            if job.done:
+                watcher.pending.discard(job_id)
+            else:
+                self._watchers.setdefault(job_id, set()).add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        """Drop a subscriber."""
+        for job_id in list(watcher.pending):
+            subs = self._watchers.get(job_id)
+            if subs is not None:
+                subs.discard(watcher)
+                if not subs:
+                    del self._watchers[job_id]
+
+    def _notify(self, job: JobRecord, event: dict[str, Any]) -> None:
+        subs = self._watchers.get(job.id)
+        if not subs:
+            return
+        done = job.done
+        for watcher in subs:
+            watcher.push(event)
+            if done:
+                watcher.pending.discard(job.id)
+                watcher.wake.set()
+        if done:
+            del self._watchers[job.id]
+
+    # ---- listing and purging ---------------------------------------------------------
+    def resolve(self, job_id: str) -> JobRecord | None:
+        """A job by id, id prefix, or ``last``."""
+        if job_id == "last":
+            return max(self.jobs.values(), key=lambda j: j.order, default=None)
+        if job_id in self.jobs:
+            return self.jobs[job_id]
+        matches = [j for k, j in self.jobs.items() if k.startswith(job_id)]
+        return matches[0] if len(matches) == 1 else None
+
+    def purge(self) -> int:
+        """Forget every job whose targets are all final; returns how many."""
+        gone = [j for j in self.jobs.values() if j.done]
+        for job in gone:
+            del self.jobs[job.id]
+            self._unread.pop(job.id, None)
+            self._persister.delete(JOBS, job.id)
+            for target in job.results.values():
+                self._persister.delete(RESULTS, target.key)
+        live_parents = {j.parent_id for j in self.jobs.values()}
+        for parent_id in [p for p in self.parents if p not in live_parents]:
+            del self.parents[parent_id]
+            self._persister.delete(PARENTS, parent_id)
+        return len(gone)
+
+    def by_sha(self, sha: str) -> list[JobRecord]:
+        """Jobs with this fingerprint, newest first."""
+        return sorted(
+            (j for j in self.jobs.values() if j.sha == sha), key=lambda j: j.order, reverse=True
+        )

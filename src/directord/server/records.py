@@ -1,0 +1,188 @@
+"""Mutable server-side records of nodes, jobs, per-node results and parents.
+
+Each record converts to and from the plain dict the datastore keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from directord.models import State
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    """A node the server knows, online or not."""
+
+    identity: str
+    machine_id: str = ""
+    version: str = ""
+    driver: str = ""
+    heartbeat_interval: float = 60.0
+    host_boot: float = 0.0
+    agent_start: float = 0.0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    online: bool = False
+    peer: str = ""
+
+    @property
+    def expiry(self) -> float:
+        """When the node counts as offline without a further message."""
+        return self.last_seen + 3 * self.heartbeat_interval
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the datastore and the API."""
+        return _asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeRecord:
+        """Rebuild from a stored dict, ignoring unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(slots=True)
+class TargetRecord:
+    """One job on one node."""
+
+    job_id: str
+    identity: str
+    state: State = State.QUEUED
+    rc: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    exec_time: float | None = None
+    roundtrip: float | None = None
+    sent: float | None = None
+    delivered: float | None = None
+    finished: float | None = None
+
+    @property
+    def key(self) -> str:
+        """Datastore key."""
+        return f"{self.job_id}/{self.identity}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the datastore and the API (explicit: this is the hot path)."""
+        return {
+            "job_id": self.job_id,
+            "identity": self.identity,
+            "state": self.state.value,
+            "rc": self.rc,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "exec_time": self.exec_time,
+            "roundtrip": self.roundtrip,
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TargetRecord:
+        """Rebuild from a stored dict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        rec = cls(**{k: v for k, v in data.items() if k in names})
+        rec.state = State(rec.state)
+        return rec
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """One job of one orchestration (parent), with its targets' results."""
+
+    id: str
+    parent_id: str
+    parent_name: str
+    verb: str
+    sha: str
+    options: dict[str, Any]
+    vars: dict[str, Any]
+    timeout: float
+    run_once: bool
+    skip_cache: bool
+    name: str
+    lane: str
+    stream: bool
+    submitted: float
+    order: int
+    targets: list[str] = field(default_factory=list)
+    # COPY/ADD sources on the server side; only these paths are ever served.
+    files: list[dict[str, Any]] = field(default_factory=list)
+    query: dict[str, Any] = field(default_factory=dict)
+    query_done: bool = False
+    results: dict[str, TargetRecord] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """True when every target reached a final state."""
+        return all(r.state.final for r in self.results.values())
+
+    def wire(self) -> dict[str, Any]:
+        """The ``job`` envelope sent to a node (no server paths)."""
+        env: dict[str, Any] = {
+            "t": "job",
+            "id": self.id,
+            "parent": self.parent_id,
+            "lane": self.lane,
+            "verb": self.verb,
+            "sha": self.sha,
+            "options": self.options,
+            "timeout": self.timeout,
+            "skip_cache": self.skip_cache,
+            "stream": self.stream,
+        }
+        if self.vars:
+            env["vars"] = self.vars
+        if self.files:
+            env["files"] = [
+                {"name": f["name"], "size": f["size"], "sha256": f["sha256"]} for f in self.files
+            ]
+        return env
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the datastore (results are stored apart)."""
+        data = _asdict(self)
+        del data["results"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        """Rebuild from a stored dict (results attached by the caller)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"results"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def summary(self) -> dict[str, Any]:
+        """One row of ``manage --list-jobs``."""
+        states = [r.state for r in self.results.values()]
+        times = [r.exec_time for r in self.results.values() if r.exec_time is not None]
+        return {
+            "id": self.id,
+            "parent_id": self.parent_id,
+            "parent_name": self.parent_name,
+            "name": self.name,
+            "verb": self.verb,
+            "sha": self.sha,
+            "submitted": self.submitted,
+            "execution_time": max(times) if times else None,
+            "processing": sum(1 for s in states if not s.final),
+            "success": sum(1 for s in states if s.ok),
+            "failed": sum(1 for s in states if s.final and not s.ok),
+            "targets": list(self.targets),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """Everything about the job, for ``--job-info`` and watchers."""
+        data = self.to_dict()
+        data.pop("files")
+        data["files"] = [{"name": f["name"], "size": f["size"]} for f in self.files]
+        data["results"] = {k: r.to_dict() for k, r in self.results.items()}
+        data.update({k: v for k, v in self.summary().items() if k not in data})
+        return data

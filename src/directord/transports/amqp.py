@@ -1,0 +1,182 @@
+"""AMQP 0-9-1 driver for RabbitMQ (``--driver messaging``), built on aio-pika.
+
+Spec sheet
+----------
+* URL: ``--messaging-url amqp://USER:PASSWORD@HOST:5672/VHOST`` (default
+  ``amqp://guest:guest@127.0.0.1:5672/``); the password is masked in logs.
+* Queues (durable, on the default exchange): ``<ns>.server`` read by the
+  server, ``<ns>.node.<identity>`` read by each node (``<ns>``:
+  ``--broker-namespace``, default ``directord``). Messages are
+  persistent; a node queue keeps messages for ``--messaging-queue-ttl``
+  seconds (3600) while its node is away. The server also keeps every job it
+  owes a node in its own datastore and re-sends it when the node returns.
+* SSL: ``--messaging-ssl`` with ``--messaging-ssl-ca`` (verifies the broker),
+  and ``--messaging-ssl-cert`` / ``--messaging-ssl-key`` for a client
+  certificate (RabbitMQ ``verify_peer``). Certificates from ``directord pki``.
+* Identity: with ``--messaging-bind-identity`` on the server, each node must
+  log in to RabbitMQ as a user named after its identity; RabbitMQ checks the
+  ``user_id`` of every message against the login, so one node cannot speak
+  for another. Without it (shared broker login) identities are not proven.
+* Reconnects: aio-pika's robust connection restores channels, queues and
+  consumers after a broker restart; sessions then start over (see broker.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from directord.config import Settings
+from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
+from directord.security.tls import read_pem
+from directord.transports.broker import BrokerTransport, Headers
+
+try:
+    import aio_pika
+    import aio_pika.abc
+except ImportError as exc:
+    raise MissingDependencyError("pip install directord[amqp]") from exc
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 10.0
+
+
+def _masked(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+class AmqpTransport(BrokerTransport):
+    """RabbitMQ through aio-pika."""
+
+    name: ClassVar[str] = "messaging"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._conn: Any = None
+        self._channel: Any = None
+        self._user = urlsplit(settings.messaging_url).username or "guest"
+        self._declared: set[str] = set()
+        self._closing = False
+
+    def describe(self) -> str:
+        return f"{_masked(self.settings.messaging_url)} ({self.server_inbox})"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not s.messaging_ssl:
+            return None
+        context = ssl.create_default_context(cafile=s.messaging_ssl_ca or None)
+        if s.messaging_ssl_ca:
+            read_pem(s.messaging_ssl_ca, "messaging CA certificate")
+        if s.messaging_ssl_cert:
+            read_pem(s.messaging_ssl_cert, "messaging certificate")
+            read_pem(s.messaging_ssl_key, "messaging key")
+            context.load_cert_chain(s.messaging_ssl_cert, s.messaging_ssl_key)
+        return context
+
+    async def open_broker(self) -> None:
+        if self._conn is not None:
+            return
+        url = self.settings.messaging_url
+        try:
+            self._conn = await aio_pika.connect_robust(
+                url,
+                ssl=self.settings.messaging_ssl,
+                ssl_context=self._ssl_context(),
+                timeout=CONNECT_TIMEOUT,
+                client_properties={
+                    "connection_name": f"directord {self.settings.resolved_identity()}"
+                },
+            )
+        except Exception as exc:
+            raise ConnectError(f"cannot reach RabbitMQ at {_masked(url)}: {exc}") from None
+        self._conn.close_callbacks.add(self._on_close)
+        self._channel = await self._conn.channel()
+        await self._channel.set_qos(prefetch_count=512)
+        log.info("messaging: connected to %s", _masked(url))
+
+    def _on_close(self, *args: Any) -> None:
+        if self._closing:
+            return
+        log.warning("messaging: connection to the broker lost; reconnecting")
+        self.broker_lost()
+
+    async def _queue(self, name: str) -> Any:
+        arguments = {"x-message-ttl": int(self.settings.messaging_queue_ttl * 1000)}
+        try:
+            queue = await self._channel.declare_queue(name, durable=True, arguments=arguments)
+        except Exception as exc:
+            raise ConnectionLost(f"messaging: cannot declare queue {name}: {exc}") from None
+        self._declared.add(name)
+        return queue
+
+    async def listen_server(self) -> None:
+        queue = await self._queue(self.server_inbox)
+        bind = self.settings.messaging_bind_identity
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                proven = message.user_id if bind else None
+                await self.on_server_message(dict(message.headers or {}), message.body, proven)
+
+        await queue.consume(on_message)
+
+    async def listen_node(self, identity: str) -> None:
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                self.on_node_message(dict(message.headers or {}), message.body)
+
+        name = self.node_inbox(identity)
+        try:
+            queue = await self._queue(name)
+            try:
+                await queue.consume(on_message)
+            except Exception as exc:
+                raise ConnectionLost(f"messaging: cannot consume queue {name}: {exc}") from None
+        except ConnectionLost as exc:
+            # A refusal (ACCESS_REFUSED: this login may not use the queue) closes the
+            # channel: drop the connection so that the next attempt starts afresh.
+            await self.close_broker()
+            self._closing = False
+            self._declared.clear()
+            raise ConnectError(str(exc)) from None
+
+    async def _publish(
+        self, routing_key: str, headers: dict[str, Any], body: bytes, user_id: str | None = None
+    ) -> None:
+        message = aio_pika.Message(
+            body, headers=headers, user_id=user_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        try:
+            await self._channel.default_exchange.publish(message, routing_key=routing_key)
+        except Exception as exc:
+            raise ConnectionLost(f"messaging: publish to {routing_key} failed: {exc}") from None
+
+    async def publish_server(self, headers: Headers, body: bytes) -> None:
+        # RabbitMQ rejects a user_id that is not the login: the server may trust it.
+        await self._publish(
+            self.server_inbox,
+            {**headers, "n": self.settings.resolved_identity()},
+            body,
+            user_id=self._user,
+        )
+
+    async def publish_node(self, identity: str, headers: Headers, body: bytes) -> None:
+        name = self.node_inbox(identity)
+        if name not in self._declared:
+            await self._queue(name)  # so jobs wait for a node that never connected yet
+        await self._publish(name, dict(headers), body)
+
+    async def close_broker(self) -> None:
+        conn, self._conn = self._conn, None
+        self._closing = True
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception as exc:
+                log.debug("messaging: close: %s", exc)

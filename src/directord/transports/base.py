@@ -1,0 +1,199 @@
+"""Transport interface: how server and nodes exchange batches of envelopes.
+
+A driver supplies two things: a server side that accepts connections and runs
+a handler per connection, and a client side that dials the server. Both yield
+:class:`Connection` objects that move opaque byte messages. Everything above
+bytes (batching, envelope encoding, ordering of sends) is the :class:`Link`
+here, shared by every driver.
+
+Drivers translate their library's exceptions at the edge: ``recv`` raises
+:class:`ConnectionLost` when the peer goes away, ``connect`` raises
+:class:`ConnectError`; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from directord.config import Settings
+from directord.errors import ConfigError, ConnectionLost, ProtocolError
+from directord.protocol import Envelope, decode_batch, join_packed, pack
+
+log = logging.getLogger(__name__)
+
+# A batch is cut before it grows past this, keeping latency low for the
+# envelopes behind it and every message far under MAX_FRAME.
+BATCH_BYTES = 1024 * 1024
+# Lingering envelopes are sent at once when this many are waiting.
+LINGER_MAX = 256
+
+
+class Connection(ABC):
+    """One bidirectional message pipe between the server and one node."""
+
+    #: printable peer address for logs
+    peer: str = "?"
+    #: identity proven by the transport (certificate name, curve key), if any
+    peer_identity: str | None = None
+
+    @abstractmethod
+    async def send(self, data: bytes) -> None:
+        """Send one message. Raises ConnectionLost."""
+
+    @abstractmethod
+    async def recv(self) -> bytes:
+        """Receive one message. Raises ConnectionLost at end of stream."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Transport(ABC):
+    """A messaging driver. ``name`` is what ``--driver`` selects."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve on an inherited listening socket (systemd socket activation).
+
+        Raises:
+            ConfigError: this driver cannot (the default).
+        """
+        raise ConfigError(f"the {self.name} driver cannot use an activated socket", key="driver")
+
+    @abstractmethod
+    async def serve(self, handler: ConnectionHandler) -> str:
+        """Start accepting nodes; run ``handler`` per connection. Returns the bound address."""
+
+    @abstractmethod
+    async def connect(self) -> Connection:
+        """Dial the server. Raises ConnectError."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop serving / drop client resources; idempotent."""
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Link:
+    """Envelope-level duplex over a Connection, batching sends.
+
+    ``post`` never blocks: each envelope is encoded at once and queued, and one
+    sender task joins whatever has accumulated into one message of at most
+    BATCH_BYTES. A send failure closes the link; the owner learns of it from
+    ``closed`` or from ``recv`` raising ConnectionLost.
+    """
+
+    def __init__(self, conn: Connection, name: str = "link") -> None:
+        self.conn = conn
+        self.name = name
+        self._queue: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._sender = asyncio.create_task(self._send_loop(), name=f"{name}-sender")
+
+    @property
+    def closed(self) -> bool:
+        """True once the link is down."""
+        return self._closed.is_set()
+
+    def post(self, envelope: Envelope, linger: float = 0.0) -> None:
+        """Queue an envelope for sending.
+
+        With ``linger`` > 0 the envelope may wait that many seconds for company,
+        so a busy sender makes one message of many (the caller knows more is
+        coming); an idle one still sends at once.
+        """
+        self.post_packed(pack(envelope), linger)
+
+    def post_packed(self, packed: bytes, linger: float = 0.0) -> None:
+        """Queue an envelope already encoded with ``protocol.pack`` (shared by many links)."""
+        if self._closed.is_set():
+            return
+        self._queue.append(packed)
+        if linger <= 0 or len(self._queue) >= LINGER_MAX:
+            self._wake.set()
+        elif self._timer is None and not self._wake.is_set():
+            self._timer = asyncio.get_running_loop().call_later(linger, self._wake.set)
+
+    def post_many(self, envelopes: list[Envelope]) -> None:
+        """Queue several envelopes."""
+        for envelope in envelopes:
+            self.post(envelope)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the queue is empty (best effort, bounded)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self._queue and not self._closed.is_set() and loop.time() < end:
+            await asyncio.sleep(0.005)
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                while self._queue:
+                    batch, self._queue = _cut_batch(self._queue)
+                    await self.conn.send(join_packed(batch))
+        except (ConnectionLost, ProtocolError) as exc:
+            log.debug("%s: send failed: %s", self.name, exc)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self._closed.set()
+
+    async def recv(self) -> list[Envelope]:
+        """Receive one batch. Raises ConnectionLost or ProtocolError."""
+        if self._closed.is_set() and self._sender.done():
+            raise ConnectionLost(f"{self.name}: link closed")
+        data = await self.conn.recv()
+        return decode_batch(data)
+
+    async def close(self) -> None:
+        """Stop the sender and close the connection."""
+        self._closed.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._sender
+        with contextlib.suppress(Exception):
+            await self.conn.close()
+
+
+def _cut_batch(queue: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Take packed envelopes from the front of the queue up to BATCH_BYTES."""
+    size = 0
+    for i, part in enumerate(queue):
+        size += len(part)
+        if size > BATCH_BYTES and i > 0:
+            return queue[:i], queue[i:]
+    return queue, []
+
+
+def describe_options(settings: Settings, prefix: str) -> dict[str, Any]:
+    """The settings whose names start with ``prefix`` (for a driver's log line)."""
+    return {k: getattr(settings, k) for k in settings.__dataclass_fields__ if k.startswith(prefix)}

@@ -1,0 +1,231 @@
+"""NATS driver (``--driver nats``), built on nats-py.
+
+Spec sheet
+----------
+* URL: ``--nats-url nats://[USER:PASSWORD@]HOST:4222`` (several, comma
+  separated, for a cluster); ``tls://`` to require TLS. Credentials: user and
+  password in the URL, an NKEY seed file (``--nats-nkey-seed``) or a
+  ``.creds`` file (``--nats-creds``). Passwords are masked in logs.
+* Subjects: the server subscribes ``<ns>.server``; each node ``<ns>.node.<id>``
+  (``<ns>``: ``--broker-namespace``, default ``directord``). Give each node's
+  NATS user publish rights on ``<ns>.server`` and subscribe rights on its own
+  subject only.
+* TLS: ``--nats-tls`` with ``--nats-tls-ca`` (verifies the server) and
+  ``--nats-tls-cert`` / ``--nats-tls-key`` for mTLS; certificates from
+  ``directord pki``.
+* Offline nodes: jobs a node is owed are kept by the directord server in its
+  datastore and re-sent, with the same ids, when the node's next session
+  opens; the node's journal makes a second delivery harmless. Core NATS
+  carries the messages, so a NATS restart loses nothing the server accepted.
+* Identities are not proven by this driver: NATS does not tell a subscriber
+  who published. Use subject permissions per node user to stop one node from
+  reading another's jobs.
+* Large messages: a message over the server's ``max_payload`` (1 MiB unless
+  configured) goes in parts (header ``p: i/n``) and is joined on arrival, so
+  COPY chunks and big results pass with the default server settings.
+* Reconnects: nats-py reconnects by itself (forever); sessions then start over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from directord.config import Settings
+from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
+from directord.security.tls import read_pem
+from directord.transports.broker import BrokerTransport, Headers
+
+try:
+    import nats
+    import nats.aio.client
+    import nats.errors
+except ImportError as exc:
+    raise MissingDependencyError("pip install directord[nats]") from exc
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 5.0
+# Room left under max_payload for headers: NATS counts them in a message's size.
+HEADER_ROOM = 4096
+
+
+def _masked(url: str) -> str:
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        out.append(one.replace(f":{parts.password}@", ":***@", 1) if parts.password else one)
+    return ",".join(out)
+
+
+class NatsTransport(BrokerTransport):
+    """NATS through nats-py."""
+
+    name: ClassVar[str] = "nats"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._nc: Any = None
+        self._closing = False
+        self._last_error: Exception | None = None
+        # Parts of a multi-part message, per session, until its last part arrives.
+        self._parts: dict[str, list[bytes]] = {}
+        # Keeps the parts of one message together (and in order) on the wire.
+        self._publish_lock = asyncio.Lock()
+
+    def describe(self) -> str:
+        return f"{_masked(self.settings.nats_url)} ({self.server_inbox})"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not s.nats_tls and not s.nats_url.startswith("tls://"):
+            return None
+        if s.nats_tls_ca:
+            read_pem(s.nats_tls_ca, "NATS CA certificate")
+        context = ssl.create_default_context(cafile=s.nats_tls_ca or None)
+        if s.nats_tls_cert:
+            read_pem(s.nats_tls_cert, "NATS certificate")
+            read_pem(s.nats_tls_key, "NATS key")
+            context.load_cert_chain(s.nats_tls_cert, s.nats_tls_key)
+        return context
+
+    async def open_broker(self) -> None:
+        if self._nc is not None:
+            return
+        s = self.settings
+        options: dict[str, Any] = {
+            "name": f"directord {s.resolved_identity()}",
+            "connect_timeout": CONNECT_TIMEOUT,
+            # The first connect tries each URL twice, then fails: wrong credentials or
+            # an absent broker come back as ConnectError (the agent backs off and logs
+            # why). Once connected, reconnects go on forever (set below).
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.5,
+            "allow_reconnect": True,
+            "disconnected_cb": self._disconnected,
+            "reconnected_cb": self._reconnected,
+            "error_cb": self._error,
+        }
+        context = self._ssl_context()
+        if context is not None:
+            options["tls"] = context
+        if s.nats_nkey_seed:
+            options["nkeys_seed"] = s.nats_nkey_seed
+        if s.nats_creds:
+            options["user_credentials"] = s.nats_creds
+        servers = [u.strip() for u in s.nats_url.split(",") if u.strip()]
+        nc = nats.aio.client.Client()
+        self._last_error = None
+        # Bounded too: after a failed TLS handshake nats-py can wait forever for the
+        # dead socket to close (seen with a server certificate the CA does not sign).
+        bound = len(servers) * 2 * (CONNECT_TIMEOUT + 1.0)
+        try:
+            await asyncio.wait_for(nc.connect(servers=servers, **options), bound)
+        except Exception as exc:
+            cause = self._last_error or exc
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 1.0)
+            raise ConnectError(
+                f"cannot reach NATS at {_masked(s.nats_url)}: {type(cause).__name__} {cause}"
+            ) from None
+        nc.options["max_reconnect_attempts"] = -1
+        self._nc = nc
+        log.info("nats: connected to %s", _masked(s.nats_url))
+
+    async def _disconnected(self) -> None:
+        if self._nc is not None and not self._closing:
+            log.warning("nats: connection lost; reconnecting")
+            self._parts.clear()
+            self.broker_lost()
+
+    async def _reconnected(self) -> None:
+        log.info("nats: reconnected")
+
+    async def _error(self, exc: Exception) -> None:
+        if self._nc is None:
+            # Reported once, by open_broker's ConnectError; the server's own refusal
+            # (authorization) says more than the socket error that follows it.
+            if self._last_error is None or isinstance(exc, nats.errors.Error):
+                self._last_error = exc
+            log.debug("nats: %s", exc)
+        else:
+            log.warning("nats: %s", exc)
+
+    def _joined(self, headers: dict[str, str], data: bytes) -> bytes | None:
+        """The whole body once a message is complete (parts are joined), else None."""
+        part = headers.pop("p", None)
+        if part is None:
+            return data
+        key = headers.get("s", "")
+        index, _, count = part.partition("/")
+        if index == "1":
+            self._parts[key] = [data]
+        else:
+            chunks = self._parts.get(key)
+            if chunks is None or str(len(chunks) + 1) != index:
+                # A part whose predecessors were lost (broker restart): the session
+                # is over anyway, and its owner re-sends what it still owes.
+                self._parts.pop(key, None)
+                log.debug("nats: dropped part %s of a message for session %s", part, key)
+                return None
+            chunks.append(data)
+        if index == count:
+            return b"".join(self._parts.pop(key))
+        return None
+
+    async def listen_server(self) -> None:
+        async def on_message(msg: Any) -> None:
+            headers = dict(msg.headers or {})
+            body = self._joined(headers, msg.data)
+            if body is not None:
+                await self.on_server_message(headers, body, None)
+
+        await self._nc.subscribe(self.server_inbox, cb=on_message, pending_msgs_limit=-1)
+
+    async def listen_node(self, identity: str) -> None:
+        async def on_message(msg: Any) -> None:
+            headers = dict(msg.headers or {})
+            body = self._joined(headers, msg.data)
+            if body is not None:
+                self.on_node_message(headers, body)
+
+        await self._nc.subscribe(self.node_inbox(identity), cb=on_message, pending_msgs_limit=-1)
+
+    async def _publish(self, subject: str, headers: dict[str, str], body: bytes) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            raise ConnectionLost(f"nats: not connected (publishing to {subject})")
+        size = max(1, self._nc.max_payload - HEADER_ROOM)
+        try:
+            async with self._publish_lock:
+                if len(body) <= size:
+                    await self._nc.publish(subject, body, headers=headers)
+                    return
+                count = -(-len(body) // size)
+                for i in range(count):
+                    await self._nc.publish(
+                        subject,
+                        body[i * size : (i + 1) * size],
+                        headers={**headers, "p": f"{i + 1}/{count}"},
+                    )
+        except Exception as exc:
+            raise ConnectionLost(f"nats: publish to {subject} failed: {exc}") from None
+
+    async def publish_server(self, headers: Headers, body: bytes) -> None:
+        await self._publish(
+            self.server_inbox, {**headers, "n": self.settings.resolved_identity()}, body
+        )
+
+    async def publish_node(self, identity: str, headers: Headers, body: bytes) -> None:
+        await self._publish(self.node_inbox(identity), dict(headers), body)
+
+    async def close_broker(self) -> None:
+        nc, self._nc = self._nc, None
+        self._closing = True
+        if nc is not None:
+            try:
+                await nc.drain()
+            except Exception as exc:
+                log.debug("nats: close: %s", exc)

@@ -1,0 +1,437 @@
+"""ZeroMQ driver (``--driver zmq``; ``zeromq`` is accepted as an alias).
+
+Spec sheet
+----------
+* One ROUTER socket on the server, bound to ``--zmq-bind-address``:``--job-port``
+  (0.0.0.0:5555); each client is a DEALER dialling ``--zmq-server-address``
+  (127.0.0.1). ``--backend-port`` is accepted for compatibility and unused:
+  one channel carries both directions.
+* A client's routing id is its identity, and every (re)connection opens with an
+  empty frame, so the server retires the previous stream of that client at once.
+* Liveness: ZMTP heartbeats; a client learns of a dead server through a socket
+  monitor (disconnect) and reconnects. The server learns of a dead client from
+  directord's own heartbeats (three intervals).
+* Authentication, one of:
+  - ``--zmq-shared-key TOKEN``: ZAP PLAIN check of a shared token. This
+    authenticates, it does NOT encrypt: use it inside one trusted network only.
+  - Curve25519 (``--zmq-curve-encryption``, or automatically when
+    ``KEY_DIR/public_keys/server.key`` exists and no shared key is set): the
+    traffic is encrypted; the server admits only client public keys found in
+    ``KEY_DIR/public_keys``. A key named after a node (``--zmq-generate-keys
+    --client NAME``) proves that node's identity; the shared ``client`` key
+    proves membership only and may not claim an identity that has its own key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+from directord.config import Settings
+from directord.errors import ConfigError, ConnectError, ConnectionLost, MissingDependencyError
+from directord.security import curve
+from directord.transports.base import Connection, ConnectionHandler, Transport
+
+try:
+    import zmq
+    import zmq.asyncio
+    from zmq.auth.asyncio import AsyncioAuthenticator
+    from zmq.utils.monitor import parse_monitor_message
+except ImportError as exc:
+    raise MissingDependencyError("pip install directord[zmq]") from exc
+
+log = logging.getLogger(__name__)
+PLAIN_USER = "directord"
+ZAP_DOMAIN = "directord"
+HEARTBEAT_MS = 2000
+CONNECT_TIMEOUT = 5.0
+KEY_POLL = 1.0
+_EOF = None
+
+
+def _url(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+def mechanism(settings: Settings) -> str:
+    """``plain``, ``curve`` or ``none``: what this configuration uses."""
+    if settings.zmq_shared_key:
+        return "plain"
+    if settings.zmq_curve_encryption or curve.keys_present(settings.zmq_key_dir):
+        return "curve"
+    return "none"
+
+
+class _Authenticator(AsyncioAuthenticator):
+    """ZAP handler whose CURVE user id is the key's name, not the key itself."""
+
+    names: dict[bytes, str] = {}
+
+    def _authenticate_plain(self, domain: str, username: str, password: str) -> Any:
+        allowed, reason = super()._authenticate_plain(domain, username, password)
+        if not allowed:
+            log.warning("zmq: refused a client with a wrong or missing shared key")
+        return allowed, reason
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        z85 = zmq.utils.z85.encode(client_public_key)
+        return self.names.get(z85, "?")
+
+
+class _ServerConn(Connection):
+    def __init__(self, transport: ZmqTransport, rid: bytes, user: str | None) -> None:
+        self._t = transport
+        self.rid = rid
+        self.user = user
+        self.peer = f"zmq:{rid.decode('utf-8', 'replace')}"
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.closed = False
+        # Only a node's own curve key proves an identity; the shared key and the
+        # PLAIN token prove membership.
+        if transport.binds_identity and user not in (None, curve.SHARED_CLIENT):
+            self.peer_identity = user
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionLost(f"{self.peer}: closed")
+        try:
+            await self._t.router.send_multipart([self.rid, data], copy=False)
+        except zmq.ZMQError as exc:
+            self.closed = True
+            raise ConnectionLost(f"{self.peer}: {exc}") from None
+
+    async def recv(self) -> bytes:
+        if self.closed and self.queue.empty():
+            raise ConnectionLost(f"{self.peer}: closed")
+        data = await self.queue.get()
+        if data is _EOF:
+            self.closed = True
+            raise ConnectionLost(f"{self.peer}: replaced or closed")
+        return data
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(_EOF)
+            if self._t.conns.get(self.rid) is self:
+                del self._t.conns[self.rid]
+
+
+class _ClientConn(Connection):
+    def __init__(self, transport: ZmqTransport, sock: Any, monitor: Any, peer: str) -> None:
+        self._t = transport
+        self.sock = sock
+        self.monitor = monitor
+        self.peer = peer
+        self.closed = False
+        self._lost = asyncio.get_running_loop().create_future()
+        self._watch = asyncio.create_task(self._watch_monitor())
+
+    async def _watch_monitor(self) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await self.monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    if not self._lost.done():
+                        self._lost.set_result(None)
+                    return
+        except (zmq.ZMQError, asyncio.CancelledError):
+            return
+
+    async def send(self, data: bytes) -> None:
+        if self.closed or self._lost.done():
+            raise ConnectionLost(f"{self.peer}: disconnected")
+        try:
+            await self.sock.send(data, copy=False)
+        except zmq.ZMQError as exc:
+            raise ConnectionLost(f"{self.peer}: {exc}") from None
+
+    async def recv(self) -> bytes:
+        if self.closed or self._lost.done():
+            raise ConnectionLost(f"{self.peer}: disconnected")
+        receiving = asyncio.ensure_future(self.sock.recv())
+        done, _ = await asyncio.wait({receiving, self._lost}, return_when=asyncio.FIRST_COMPLETED)
+        if receiving not in done:
+            receiving.cancel()
+            raise ConnectionLost(f"{self.peer}: server went away")
+        try:
+            data: bytes = receiving.result()
+        except zmq.ZMQError as exc:
+            raise ConnectionLost(f"{self.peer}: {exc}") from None
+        return data
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._watch.cancel()
+        with contextlib.suppress(Exception):
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+class ZmqTransport(Transport):
+    """The ZeroMQ messaging driver."""
+
+    name: ClassVar[str] = "zmq"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.ctx = zmq.asyncio.Context()
+        self.router: Any = None
+        self.conns: dict[bytes, _ServerConn] = {}
+        self._auth: _Authenticator | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._handler: ConnectionHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connect_timeout = CONNECT_TIMEOUT
+        self.binds_identity = False
+        self._address = ""
+        self._server_public = b""
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- server ----------------------------------------------------------------------
+    def _secure_server(self, sock: Any) -> str:
+        s = self.settings
+        how = mechanism(s)
+        if how == "none":
+            log.warning(
+                "zmq: no authentication configured: any client can join "
+                "(set --zmq-shared-key or generate curve keys)"
+            )
+            return how
+        self._auth = _Authenticator(self.ctx)
+        self._auth.start()
+        if how == "plain":
+            self._auth.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: s.zmq_shared_key})
+            sock.plain_server = True
+        else:
+            public, secret = curve.load_keypair(s.zmq_key_dir, curve.SERVER)
+            names = curve.known_clients(s.zmq_key_dir)
+            self._auth.names = names
+            self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            self._server_public = public
+            sock.curve_server = True
+            log.info("zmq: curve on; %d client keys known", len(names))
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        return how
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """Check CURVE credentials: True when the client public key is one we know."""
+        assert self._auth is not None
+        z85 = key  # pyzmq hands the callback the Z85 form already
+        # Re-read on a miss so keys added by an operator work without a restart.
+        if z85 not in self._auth.names:
+            with contextlib.suppress(ConfigError):
+                self._auth.names = curve.known_clients(self.settings.zmq_key_dir)
+        known = z85 in self._auth.names
+        if not known:
+            log.warning("zmq: refused a client with an unknown curve key %s...", z85[:8].decode())
+        return known
+
+    async def serve(self, handler: ConnectionHandler) -> str:
+        self._handler = handler
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.router_handover = 1
+        sock.heartbeat_ivl = HEARTBEAT_MS
+        sock.heartbeat_timeout = 3 * HEARTBEAT_MS
+        sock.linger = 0
+        how = self._secure_server(sock)
+        self.binds_identity = how == "curve"
+        address = _url(self.settings.zmq_bind_address, self.settings.job_port)
+        try:
+            if self.settings.job_port == 0:
+                port = sock.bind_to_random_port(address.rsplit(":", 1)[0])
+                address = f"{address.rsplit(':', 1)[0]}:{port}"
+            else:
+                sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConnectError(f"cannot listen on {address}: {exc}") from None
+        self.router = sock
+        self._address = address
+        self._reader = asyncio.create_task(self._read_loop(), name="zmq-router")
+        if how == "curve":
+            self._watcher = asyncio.create_task(self._watch_keys(), name="zmq-keys")
+        log.info("zmq: listening on %s (auth: %s)", address, how)
+        return address.replace("tcp://", "")
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                frames = await self.router.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                log.error("zmq: receive failed: %s", exc)
+                return
+            if len(frames) != 2:
+                continue
+            rid, payload = frames[0].bytes, frames[1]
+            user = payload.get("User-Id") if self._auth is not None else None
+            conn = self.conns.get(rid)
+            data = payload.bytes
+            if not data:
+                # A (re)connection starts: retire the old stream of this routing id.
+                if conn is not None:
+                    await conn.close()
+                if self._shared_key_claims_owned(rid, user):
+                    continue
+                conn = _ServerConn(self, rid, user)
+                self.conns[rid] = conn
+                task = asyncio.create_task(self._run_handler(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue
+            if conn is None:
+                continue
+            if conn.user != user:
+                log.warning("zmq: dropped a message on %s from another credential", conn.peer)
+                continue
+            conn.queue.put_nowait(data)
+
+    def _key_stamp(self) -> tuple[tuple[str, int], ...]:
+        root = Path(self.settings.zmq_key_dir)
+        paths = [
+            *sorted((root / "public_keys").glob("*.key")),
+            root / "private_keys" / f"{curve.SERVER}.key_secret",
+        ]
+        return tuple((p.name, p.stat().st_mtime_ns) for p in paths if p.exists())
+
+    async def _watch_keys(self) -> None:
+        """Pick up rotated keys: new connections use them, live ones carry on.
+
+        libzmq copies socket options into a listener when it binds, so the new
+        server key takes effect by re-binding the same endpoint.
+        """
+        stamp = self._key_stamp()
+        while True:
+            await asyncio.sleep(KEY_POLL)
+            current = self._key_stamp()
+            if current == stamp:
+                continue
+            stamp = current
+            try:
+                await self._reload_keys()
+            except ConfigError as exc:
+                log.error("zmq: key change ignored: %s", exc)
+            except (zmq.ZMQError, OSError):
+                log.exception("zmq: reloading keys failed; keeping the old ones")
+
+    async def _reload_keys(self) -> None:
+        public, secret = curve.load_keypair(self.settings.zmq_key_dir, curve.SERVER)
+        names = curve.known_clients(self.settings.zmq_key_dir)
+        assert self._auth is not None
+        self._auth.names = names
+        if public != self._server_public:
+            self.router.unbind(self._address)
+            self.router.curve_publickey, self.router.curve_secretkey = public, secret
+            # unbind completes in libzmq's I/O thread: retry until the port is free.
+            for _ in range(250):
+                try:
+                    self.router.bind(self._address)
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EADDRINUSE:
+                        raise
+                    await asyncio.sleep(0.02)
+            else:
+                raise zmq.ZMQError(zmq.EADDRINUSE, f"{self._address} did not free up")
+            self._server_public = public
+        log.info("zmq: curve keys reloaded; %d client keys known", len(names))
+
+    def _shared_key_claims_owned(self, rid: bytes, user: str | None) -> bool:
+        """True (and logged) when the shared key claims an identity that has its own key."""
+        if not self.binds_identity or user != curve.SHARED_CLIENT or self._auth is None:
+            return False
+        claimed = rid.decode("utf-8", "replace")
+        if claimed in self._auth.names.values():
+            log.warning(
+                "zmq: refused %r: that identity has its own curve key, not the shared one", claimed
+            )
+            return True
+        return False
+
+    async def _run_handler(self, conn: _ServerConn) -> None:
+        assert self._handler is not None
+        try:
+            await self._handler(conn)
+        except Exception:
+            log.exception("zmq: connection handler for %s failed", conn.peer)
+        finally:
+            await conn.close()
+
+    # ---- client ----------------------------------------------------------------------
+    async def connect(self) -> Connection:
+        s = self.settings
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.routing_id = s.resolved_identity().encode()
+        sock.linger = 0
+        sock.heartbeat_ivl = HEARTBEAT_MS
+        sock.heartbeat_timeout = 3 * HEARTBEAT_MS
+        sock.reconnect_ivl = 100
+        how = mechanism(s)
+        if how == "plain":
+            sock.plain_username = PLAIN_USER.encode()
+            sock.plain_password = s.zmq_shared_key.encode()
+        elif how == "curve":
+            identity = s.resolved_identity()
+            try:
+                own = curve.load_keypair(s.zmq_key_dir, identity)
+            except ConfigError:
+                own = curve.load_keypair(s.zmq_key_dir, curve.SHARED_CLIENT)
+            sock.curve_publickey, sock.curve_secretkey = own
+            sock.curve_serverkey = curve.load_public(s.zmq_key_dir, curve.SERVER)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        )
+        target = _url(s.zmq_server_address, s.job_port)
+        sock.connect(target)
+        try:
+            await asyncio.wait_for(self._handshake(monitor, how), self.connect_timeout)
+        except (TimeoutError, ConnectError) as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            reason = str(exc) or "no answer"
+            raise ConnectError(f"cannot reach server at {target}: {reason}") from None
+        conn = _ClientConn(self, sock, monitor, target)
+        await conn.send(b"")  # marks a new connection for the server
+        return conn
+
+    async def _handshake(self, monitor: Any, how: str) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise ConnectError(f"server refused our {how} credentials")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        for conn in list(self.conns.values()):
+            await conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.router is not None:
+            self.router.close(linger=0)
+            self.router = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.ctx.destroy(linger=0)
