@@ -129,6 +129,11 @@ class Settings:
     zmq_key_dir: str = _opt(
         "/etc/directord", "holds public_keys/ and private_keys/", "server", "client"
     )
+    zmq_rotation_grace: float = _opt(
+        600.0,
+        "seconds a rotated server key waits for clients still on the old key to leave",
+        "server",
+    )
     broker_namespace: str = _opt(
         "directord",
         "prefix of queue/subject names on a broker (one per cluster)",

@@ -262,3 +262,32 @@ def test_curve_encrypts_and_plain_does_not(make_cluster: Any, tmp_path: Path) ->
     curve = _through_tap(make_cluster, tmp_path / "curve", secure=True)
     assert len(curve) > 1000  # the job really went through the tap
     assert token not in curve
+
+
+def test_rotated_server_key_waits_for_old_key_clients(make_cluster: Any, tmp_path: Path) -> None:
+    """A server key rotation must not cut off clients that have not got their new keys."""
+    server_keys = tmp_path / "server-keys"
+    _generate(server_keys)
+    _node_keys(server_keys, tmp_path / "nk" / "node0", "node0")
+    cluster = make_cluster(
+        nodes=1,
+        driver="zmq",
+        server_args=["--zmq-key-dir", str(server_keys), "--zmq-rotation-grace", "4"],
+        client_args=["--zmq-key-dir", str(tmp_path / "nk" / "{identity}")],
+    )
+    _generate(server_keys)  # the node keeps its old keys: nobody ships it the new ones
+    _wait(lambda: "new server key" in cluster.log("server").read_text(), "the key change")
+    # Still served over its old-key connection, within the grace period.
+    reply = cluster.json("exec", "--verb", "RUN", "--skip-cache echo still-here", "--wait")
+    assert [r["stdout"].strip() for r in reply["results"]] == ["still-here"]
+    # Once the grace is over, the listener switches and the old-key client is cut off:
+    # it cannot come back with the old server key, so the node goes offline.
+    _wait(
+        lambda: "1 old-key clients cut off" in cluster.log("server").read_text(),
+        "the switch to the new key",
+    )
+    _wait(
+        lambda: all(n["status"] != "online" for n in cluster.json("manage", "--list-nodes")),
+        "the old-key node to go offline",
+        timeout=30,
+    )

@@ -83,6 +83,19 @@ class _Authenticator(AsyncioAuthenticator):
         return self.names.get(z85, "?")
 
 
+class _Rotation:
+    """A server key rotation waiting for the clients connected under the old key."""
+
+    def __init__(self, waiting: set[int], old_names: dict[bytes, str], deadline: float) -> None:
+        self.waiting = waiting  # file descriptors of old-key connections still open
+        self.old_names = old_names
+        self.deadline = deadline
+        self.keypair = (b"", b"")
+
+    def due(self) -> bool:
+        return not self.waiting or asyncio.get_running_loop().time() >= self.deadline
+
+
 class _ServerConn(Connection):
     def __init__(self, transport: ZmqTransport, rid: bytes, user: str | None) -> None:
         self._t = transport
@@ -195,6 +208,10 @@ class ZmqTransport(Transport):
         self._address = ""
         self._server_public = b""
         self._watcher: asyncio.Task[None] | None = None
+        self._router_watch: asyncio.Task[None] | None = None
+        self._router_monitor: Any = None
+        self._open_fds: set[int] = set()
+        self._rotation: _Rotation | None = None
 
     # ---- server ----------------------------------------------------------------------
     def _secure_server(self, sock: Any) -> str:
@@ -230,7 +247,8 @@ class ZmqTransport(Transport):
         # Re-read on a miss so keys added by an operator work without a restart.
         if z85 not in self._auth.names:
             with contextlib.suppress(ConfigError):
-                self._auth.names = curve.known_clients(self.settings.zmq_key_dir)
+                old = self._rotation.old_names if self._rotation is not None else {}
+                self._auth.names = {**old, **curve.known_clients(self.settings.zmq_key_dir)}
         known = z85 in self._auth.names
         if not known:
             log.warning("zmq: refused a client with an unknown curve key %s...", z85[:8].decode())
@@ -259,6 +277,12 @@ class ZmqTransport(Transport):
         self._address = address
         self._reader = asyncio.create_task(self._read_loop(), name="zmq-router")
         if how == "curve":
+            self._router_monitor = sock.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+            )
+            self._router_watch = asyncio.create_task(
+                self._watch_router(self._router_monitor), name="zmq-router-monitor"
+            )
             self._watcher = asyncio.create_task(self._watch_keys(), name="zmq-keys")
         log.info("zmq: listening on %s (auth: %s)", address, how)
         return address.replace("tcp://", "")
@@ -304,46 +328,96 @@ class ZmqTransport(Transport):
         return tuple((p.name, p.stat().st_mtime_ns) for p in paths if p.exists())
 
     async def _watch_keys(self) -> None:
-        """Pick up rotated keys: new connections use them, live ones carry on.
-
-        libzmq copies socket options into a listener when it binds, so the new
-        server key takes effect by re-binding the same endpoint.
-        """
+        """Pick up rotated keys; switch the listener once the old key is no longer needed."""
         stamp = self._key_stamp()
         while True:
             await asyncio.sleep(KEY_POLL)
             current = self._key_stamp()
-            if current == stamp:
-                continue
-            stamp = current
             try:
-                await self._reload_keys()
+                if current != stamp:
+                    stamp = current
+                    self._reload_keys()
+                if self._rotation is not None and self._rotation.due():
+                    await self._switch_server_key()
             except ConfigError as exc:
                 log.error("zmq: key change ignored: %s", exc)
             except (zmq.ZMQError, OSError):
                 log.exception("zmq: reloading keys failed; keeping the old ones")
 
-    async def _reload_keys(self) -> None:
+    async def _watch_router(self, monitor: Any) -> None:
+        """Track the listener's open connections by file descriptor.
+
+        libzmq reports no descriptor with a successful handshake, so this counts
+        every accepted connection; those that fail their handshake close soon.
+        """
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    self._open_fds.add(event["value"])
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._open_fds.discard(event["value"])
+                    if self._rotation is not None:
+                        self._rotation.waiting.discard(event["value"])
+        except (zmq.ZMQError, asyncio.CancelledError):
+            return
+
+    def _reload_keys(self) -> None:
         public, secret = curve.load_keypair(self.settings.zmq_key_dir, curve.SERVER)
         names = curve.known_clients(self.settings.zmq_key_dir)
         assert self._auth is not None
-        self._auth.names = names
-        if public != self._server_public:
-            self.router.unbind(self._address)
-            self.router.curve_publickey, self.router.curve_secretkey = public, secret
-            # unbind completes in libzmq's I/O thread: retry until the port is free.
-            for _ in range(250):
-                try:
-                    self.router.bind(self._address)
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno != zmq.EADDRINUSE:
-                        raise
-                    await asyncio.sleep(0.02)
-            else:
-                raise zmq.ZMQError(zmq.EADDRINUSE, f"{self._address} did not free up")
-            self._server_public = public
-        log.info("zmq: curve keys reloaded; %d client keys known", len(names))
+        if public == self._server_public:
+            self._rotation = None
+            self._auth.names = names
+            log.info("zmq: curve keys reloaded; %d client keys known", len(names))
+            return
+        # libzmq copies the server key into a listener when it binds, and closing
+        # that listener drops every connection it accepted. Clients still on the
+        # old key must first receive their new keys over those connections
+        # (key-rotation.yaml), so the old key keeps serving them, and their old
+        # client keys stay valid, until the last of them has left.
+        if self._rotation is None:
+            self._rotation = _Rotation(
+                set(self._open_fds),
+                dict(self._auth.names),
+                asyncio.get_running_loop().time() + self.settings.zmq_rotation_grace,
+            )
+        self._rotation.keypair = (public, secret)
+        self._auth.names = {**self._rotation.old_names, **names}
+        log.info(
+            "zmq: new server key; the old one serves the %d connected clients until they "
+            "reconnect (at most %gs); %d client keys known",
+            len(self._rotation.waiting),
+            self.settings.zmq_rotation_grace,
+            len(names),
+        )
+
+    async def _switch_server_key(self) -> None:
+        """Re-bind the listener with the rotated server key (drops old-key connections)."""
+        assert self._rotation is not None and self._auth is not None
+        public, secret = self._rotation.keypair
+        self.router.unbind(self._address)
+        self.router.curve_publickey, self.router.curve_secretkey = public, secret
+        # unbind completes in libzmq's I/O thread: retry until the port is free.
+        for _ in range(250):
+            try:
+                self.router.bind(self._address)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE:
+                    raise
+                await asyncio.sleep(0.02)
+        else:
+            raise zmq.ZMQError(zmq.EADDRINUSE, f"{self._address} did not free up")
+        self._server_public = public
+        left = len(self._rotation.waiting)
+        self._rotation = None
+        self._auth.names = curve.known_clients(self.settings.zmq_key_dir)
+        log.info(
+            "zmq: now listening with the new server key (%d old-key clients cut off); "
+            "old client keys are refused from now on",
+            left,
+        )
 
     def _shared_key_claims_owned(self, rid: bytes, user: str | None) -> bool:
         """True (and logged) when the shared key claims an identity that has its own key."""
@@ -416,9 +490,15 @@ class ZmqTransport(Transport):
                 raise ConnectError(f"server refused our {how} credentials")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        for task in (self._watcher, self._router_watch):
+            if task is not None:
+                task.cancel()
+        self._watcher = self._router_watch = None
+        if self._router_monitor is not None:
+            with contextlib.suppress(Exception):
+                self.router.disable_monitor()
+            self._router_monitor.close(linger=0)
+            self._router_monitor = None
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
