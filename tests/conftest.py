@@ -166,7 +166,11 @@ def rabbitmq_broker(
     """
     users = {"directord": "directord-secret", **{f"node{i}": f"node{i}-secret" for i in range(3)}}
     own_queue = {
-        f"node{i}": (rf"^[^.]+\.node\.node{i}$", r"^amq\.default$", rf"^[^.]+\.node\.node{i}$")
+        f"node{i}": (
+            rf"^[^.]+\.(node|parked)\.node{i}$",
+            r"^amq\.default$",
+            rf"^[^.]+\.(node|parked)\.node{i}$",
+        )
         for i in range(2)
     }
     node = RabbitNode(

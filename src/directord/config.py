@@ -151,7 +151,10 @@ class Settings:
     messaging_ssl_cert: str = _opt("", "client certificate for RabbitMQ", "server", "client")
     messaging_ssl_key: str = _opt("", "key of --messaging-ssl-cert", "server", "client")
     messaging_queue_ttl: float = _opt(
-        3600.0, "seconds a node's queue keeps messages while it is away", "server", "client"
+        3600.0,
+        "seconds a node's queue (RabbitMQ) or parked jobs (NATS JetStream) wait for it",
+        "server",
+        "client",
     )
     messaging_bind_identity: bool = _opt(
         False, "each node logs in to RabbitMQ as its identity; trust nothing else", "server"

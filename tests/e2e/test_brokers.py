@@ -7,15 +7,23 @@ users and NKEYs (module fixtures), and a broker of its own for each restart test
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import aio_pika.exceptions
+import nats
+import nats.js.errors
 import pytest
 
 from directord import DirectordConnect
+from directord.components import build_job
+from directord.protocol import join_packed, pack
+from directord.transports.nats import consumer_name
 from tests.brokers import NatsServer, RabbitNode, TestPKI, nkey_user
 from tests.conftest import Cluster
 from tests.e2e.helpers import nodes, read_lines, uid, wait_for, wait_status
@@ -205,6 +213,7 @@ def test_messaging_bind_identity_proves_each_node(
     ]
     c = tls_cluster(make_cluster, "messaging", server, client_options=own_login)
     assert_jobs_run(c)
+    assert_parked_job_runs(c, "node1")  # the documented rights cover parked jobs too
     # node2 with node1's login: RabbitMQ refuses it node2's queue, the client says so.
     c.client_args = ["--messaging-url", rabbitmq_broker.url("node1")]
     line = assert_refused(c, "node2", "ACCESS_REFUSED")
@@ -331,27 +340,49 @@ def test_nats_subject_permissions_keep_each_node_to_its_own_subject(
         nodes=2, driver="nats", start=False, heartbeat=1.0, server_args=["--nats-url", "set below"]
     )
     ns = c.namespace
+    stream = f"{ns}_parked"  # the namespace has no characters a stream name forbids
+    # The permissions README gives, for the server and for each node.
     users: list[dict[str, Any]] = [
         {
             "user": "directord",
             "password": "server-pw",
-            "permissions": {"publish": [f"{ns}.node.>"], "subscribe": [f"{ns}.server"]},
+            "permissions": {
+                "publish": [
+                    f"{ns}.node.>",
+                    f"{ns}.parked.>",
+                    f"$JS.API.STREAM.CREATE.{stream}",
+                    f"$JS.API.STREAM.UPDATE.{stream}",
+                ],
+                "subscribe": [f"{ns}.server", f"_INBOX.{ns}.server.>"],
+            },
         }
     ]
-    users += [
-        {
-            "user": n,
-            "password": f"{n}-pw",
-            "permissions": {"publish": [f"{ns}.server"], "subscribe": [f"{ns}.node.{n}"]},
-        }
-        for n in c.identities
-    ]
-    broker = NatsServer(tmp_path / "nats-perms", users=users).start()
+    for n in c.identities:
+        consumer = consumer_name(n)
+        users.append(
+            {
+                "user": n,
+                "password": f"{n}-pw",
+                "permissions": {
+                    "publish": [
+                        f"{ns}.server",
+                        f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+                        f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>",
+                        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+                        f"$JS.ACK.{stream}.{consumer}.>",
+                    ],
+                    "subscribe": [f"{ns}.node.{n}", f"_INBOX.{ns}.{consumer}.>"],
+                },
+            }
+        )
+    broker = NatsServer(tmp_path / "nats-perms", users=users, jetstream=True).start()
     try:
         c.server_args = ["--nats-url", broker.url_with("directord", "server-pw")]
         c.client_args = ["--nats-url", broker.url.replace("://", "://{identity}:{identity}-pw@")]
         c.start()
         assert_jobs_run(c)  # the documented permissions are all a node and the server need
+        assert "jobs for offline nodes wait in JetStream" in c.log("server").read_text()
+        assert_parked_job_runs(c, "node1")  # parking included
         # node2 logs in as node1: NATS refuses it node2's subject, so nothing sent to
         # node2 reaches it, not even the server's welcome.
         c.client_args = ["--nats-url", broker.url_with("node1", "node1-pw")]
@@ -371,6 +402,24 @@ def test_nats_subject_permissions_keep_each_node_to_its_own_subject(
     finally:
         c.stop()
         broker.stop()
+
+
+def assert_parked_job_runs(c: Cluster, identity: str) -> None:
+    """A job submitted while ``identity`` is away waits in the broker and runs on return."""
+    c.stop_process(identity)
+    wait_status(c, identity, "offline")
+    tok = uid()
+    [parent] = c.json("exec", "--verb", "RUN", f"echo parked-{tok}", "--target", identity)
+    c.start_client(identity)
+    with DirectordConnect(c.socket_path) as conn:
+        ok, info = conn.poll(parent["jobs"][0], timeout=DEADLINE)
+    result = info["results"][identity]
+    assert ok and result["stdout"].strip() == f"parked-{tok}", result
+    wait_for(
+        lambda: "took 1 of 1 parked jobs" in c.log(identity).read_text(),
+        "the node to take the parked job",
+        DEADLINE,
+    )
 
 
 def assert_jobs_run_on(c: Cluster, targets: list[str]) -> None:
@@ -396,6 +445,9 @@ def test_job_for_an_offline_node_runs_when_it_returns(make_cluster: Any, driver:
         "exec", "--verb", "RUN", f"echo {tok} >> {ran}; echo done-{tok}", "--target", "node1"
     )
     [job_id] = parent["jobs"]
+    parked = f"{c.namespace}.parked.node1"
+    # The job waits in the broker (JetStream stream / durable queue), not only on the server.
+    wait_for(lambda: parked_count(c, driver, parked) == 1, "the job to be parked", DEADLINE)
     with DirectordConnect(c.socket_path) as conn:
         assert conn.job_info(job_id)["results"]["node1"]["state"] == "queued"
         assert not ran.exists()
@@ -405,6 +457,101 @@ def test_job_for_an_offline_node_runs_when_it_returns(make_cluster: Any, driver:
     assert ok and r["state"] == "success", r
     assert r["stdout"].strip() == f"done-{tok}"
     assert ran.read_text() == f"{tok}\n"  # ran exactly once
+    # It came from the broker (nothing had to be re-sent), and the broker forgot it.
+    wait_for(
+        lambda: "took 1 of 1 parked jobs from the broker" in c.log("node1").read_text(),
+        "the node to report the parked job",
+        DEADLINE,
+    )
+    assert "missing from the broker" not in c.log("server").read_text()
+    wait_for(lambda: parked_count(c, driver, parked) == 0, "the parked job to be acked", DEADLINE)
+
+
+def test_a_forged_parked_job_never_runs(make_cluster: Any) -> None:
+    """Whoever can publish to a node's parked subject still cannot make it run a job."""
+    c: Cluster = make_cluster(nodes=2, driver="nats", heartbeat=1.0)
+    tok = uid()
+    ran, forged = c.root / f"ran-{tok}", c.root / f"forged-{tok}"
+    c.stop_process("node1")
+    wait_status(c, "node1", "offline")
+    [parent] = c.json("exec", "--verb", "RUN", f"echo {tok} >> {ran}", "--target", "node1")
+    [job_id] = parent["jobs"]
+    subject = f"{c.namespace}.parked.node1"
+    wait_for(lambda: parked_count(c, "nats", subject) == 1, "the job to be parked", DEADLINE)
+    # A message for the same job id, with other work in it, queued after the real one,
+    # and then the real one taken away: only the forgery is left in the broker.
+    spec = build_job("RUN", f"touch {forged}", where="forgery", line=1)
+    job = {
+        "t": "job",
+        "id": job_id,
+        "parent": parent["id"],
+        "lane": "",
+        "verb": spec.verb,
+        "sha": spec.sha,
+        "options": spec.options,
+        "timeout": spec.timeout,
+        "skip_cache": True,
+        "stream": False,
+    }
+    asyncio.run(_nats_replace_parked(c, subject, job_id, join_packed([pack(job)])))
+    c.start_client("node1")
+    with DirectordConnect(c.socket_path) as conn:
+        ok, info = conn.poll(job_id, timeout=DEADLINE)
+    assert ok and info["results"]["node1"]["state"] == "success", info
+    assert ran.read_text() == f"{tok}\n" and not forged.exists()
+    assert "digest mismatch" in c.log("node1").read_text()
+    wait_for(
+        lambda: "1 parked jobs were missing from the broker" in c.log("server").read_text(),
+        "the server to send the job itself",
+        DEADLINE,
+    )
+
+
+async def _nats_replace_parked(c: Cluster, subject: str, job_id: str, body: bytes) -> None:
+    nc = await nats.connect(_broker_url(c, "nats"))
+    try:
+        js = nc.jetstream()
+        stream = await js.find_stream_name_by_subject(subject)
+        first = (await js.stream_info(stream)).state.first_seq
+        await js.publish(subject, body, headers={"j": job_id})
+        await js.delete_msg(stream, first)
+    finally:
+        await nc.close()
+
+
+def _broker_url(c: Cluster, driver: str) -> str:
+    flag = "--nats-url" if driver == "nats" else "--messaging-url"
+    return c.server_args[c.server_args.index(flag) + 1]
+
+
+def parked_count(c: Cluster, driver: str, name: str) -> int:
+    """Messages waiting in the broker for one node, asked of the broker itself."""
+    return asyncio.run(_parked_count(_broker_url(c, driver), driver, name))
+
+
+async def _parked_count(url: str, driver: str, name: str) -> int:
+    if driver == "nats":
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            try:
+                stream = await js.find_stream_name_by_subject(name)
+            except nats.js.errors.NotFoundError:
+                return 0
+            info = await js.stream_info(stream, subjects_filter=name)
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
 
 
 # ---- faults: the broker restarts in the middle of an orchestration ---------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from directord.errors import (
     Refused,
 )
 from directord.models import State
-from directord.protocol import PROTOCOL_VERSION, Envelope
+from directord.protocol import PROTOCOL_VERSION, Envelope, decode_batch
 from directord.transports import Link, Transport, load_transport
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,9 @@ class Agent:
             log.info("registered with %s as %s", conn.peer, self.identity)
             self._write_ready()
             self._resend_results()
+            parked = first[0].get("parked")
+            if parked:
+                await self._take_parked({str(j): str(sha) for j, sha in parked})
             await self._handle(first[1:])
             stop_wait = asyncio.ensure_future(self._stop.wait())
             hb = asyncio.ensure_future(self._heartbeats(link))
@@ -229,6 +233,38 @@ class Agent:
                     fut.set_exception(ConnectionLost("link dropped"))
             self._requests.clear()
             await link.close()
+
+    async def _take_parked(self, owed: dict[str, str]) -> None:
+        """Run the jobs the server parked in the broker while this node was away.
+
+        Only a message the welcome lists, with the digest it gives, is taken: the
+        server's word, over this authenticated session, decides what runs.
+        Anything else found there is stale or forged and is dropped.
+        """
+        wanted = dict(owed)
+
+        async def take(job_id: str, message: bytes) -> None:
+            sha = wanted.get(job_id)
+            if sha is None:
+                return
+            if hashlib.sha256(message).hexdigest() != sha:
+                log.warning("dropped a parked message for job %s: digest mismatch", job_id)
+                return
+            try:
+                batch = decode_batch(message)
+            except ProtocolError as exc:
+                log.warning("dropped a parked message for job %s: %s", job_id, exc)
+                return
+            del wanted[job_id]
+            await self._handle(batch)
+
+        try:
+            await self.transport.take_parked(take)
+        except ConnectionLost as exc:
+            log.warning("could not read parked jobs (%s); the server sends them instead", exc)
+        log.info("took %d of %d parked jobs from the broker", len(owed) - len(wanted), len(owed))
+        if self.link is not None:
+            self.link.post({"t": "parked", "missing": list(wanted)})
 
     def _write_ready(self) -> None:
         if self.settings.ready_file:

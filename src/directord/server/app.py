@@ -24,6 +24,7 @@ from directord.server.api import APIServer
 from directord.server.jobs import JOBS, PARENTS, RESULTS, JobBook, PlannedJob
 from directord.server.nodes import NS as NODES
 from directord.server.nodes import NodeRegistry
+from directord.server.parking import ParkingLot
 from directord.server.persist import Persister
 from directord.server.sessions import AgentSession
 from directord.transports import Connection, Link, Transport, load_transport
@@ -52,6 +53,7 @@ class Server:
         self.persister = Persister(self.store)
         self.nodes = NodeRegistry(self.persister)
         self.jobs = JobBook(self.persister, settings.job_timeout_grace)
+        self.parking = ParkingLot(self.transport, self.jobs, lambda i: i in self.nodes.sessions)
         self.api = APIServer(self, activated.get("api"))
         self.address = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -73,6 +75,7 @@ class Server:
         )
         self.persister.start()
         self.address = await self.transport.serve(self._on_connection)
+        self.parking.start()
         await self.api.start()
         self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
         log.info(
@@ -100,6 +103,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.api.close()
+        await self.parking.close()
         for session in list(self._sessions):
             await session.link.close()
         await self.transport.close()
@@ -123,8 +127,13 @@ class Server:
             return f"identity {identity!r} is not in allowed_node_names"
         return None
 
-    def node_online(self, session: AgentSession, hello: dict[str, Any]) -> None:
-        """A node (re)registered: settle what it lost, send what waits for it."""
+    def node_online(
+        self, session: AgentSession, hello: dict[str, Any], parked: dict[str, str]
+    ) -> None:
+        """A node (re)registered: settle what it lost, send what waits for it.
+
+        Jobs in ``parked`` (listed in its welcome) it takes from the broker.
+        """
         identity = session.identity
         known = {str(i) for i in hello.get("known", [])}
         for target in self.jobs.delivered_to(identity):
@@ -137,10 +146,31 @@ class Server:
                 )
                 self.on_target_final(target.job_id)
         queued = self.jobs.queued_for(identity)
+        direct = 0
         for job in queued:
-            self._send(session, job.id)
-        if queued:
-            log.info("node %s: sending %d queued jobs", identity, len(queued))
+            if job.id in parked:
+                self.jobs.mark_sent(job.results[identity])
+            else:
+                self._send(session, job.id)
+                direct += 1
+        if direct:
+            log.info("node %s: sending %d queued jobs", identity, direct)
+        if parked:
+            log.info("node %s: %d jobs wait for it in the broker", identity, len(parked))
+
+    def parked_taken(self, session: AgentSession, missing: list[str]) -> None:
+        """The node took its parked jobs; send over the session those it did not find."""
+        identity = session.identity
+        self.parking.settle(identity)
+        resend = [j for j in missing if self.parking.still_queued(identity, j)]
+        for job_id in resend:
+            self._send(session, job_id)
+        if resend:
+            log.warning(
+                "node %s: %d parked jobs were missing from the broker; sent them directly",
+                identity,
+                len(resend),
+            )
 
     def node_gone(self, session: AgentSession, reason: str) -> None:
         """A node's session ended."""
@@ -200,6 +230,8 @@ class Server:
                     session = self.nodes.sessions.get(identity)
                     if session is not None:
                         self._send(session, job.id, packed)
+                    else:
+                        self.parking.park(identity, job.id, packed)
             out.append(
                 {
                     "id": parent.id,

@@ -82,8 +82,16 @@ class AgentSession:
                 await self.link.flush(1.0)
                 return
             registered = True
-            self.link.post({"t": "welcome", "version": __version__, "proto": PROTOCOL_VERSION})
-            self.server.node_online(self, hello)
+            parked = self.server.parking.owed(self.identity)
+            self.link.post(
+                {
+                    "t": "welcome",
+                    "version": __version__,
+                    "proto": PROTOCOL_VERSION,
+                    "parked": [[job_id, sha] for job_id, sha in parked.items()],
+                }
+            )
+            self.server.node_online(self, hello, parked)
             await self._handle(batch[1:])
             while True:
                 await self._handle(await self.link.recv())
@@ -156,6 +164,8 @@ class AgentSession:
                     )
                 elif kind == "req":
                     self._spawn(self._request(env))
+                elif kind == "parked":
+                    self.server.parked_taken(self, [str(i) for i in env["missing"]])
                 elif kind == "qrep":
                     self.server.on_query_report(self.identity, str(env["id"]), env.get("value"))
                 else:

@@ -8,8 +8,10 @@ Spec sheet
   server, ``<ns>.node.<identity>`` read by each node (``<ns>``:
   ``--broker-namespace``, default ``directord``). Messages are
   persistent; a node queue keeps messages for ``--messaging-queue-ttl``
-  seconds (3600) while its node is away. The server also keeps every job it
-  owes a node in its own datastore and re-sends it when the node returns.
+  seconds (3600) while its node is away. A job for a node without a session
+  waits in the durable queue ``<ns>.parked.<identity>`` (same TTL) and runs
+  when the node returns; the server's datastore remains the record of what
+  is owed (server/parking.py).
 * SSL: ``--messaging-ssl`` with ``--messaging-ssl-ca`` (verifies the broker),
   and ``--messaging-ssl-cert`` / ``--messaging-ssl-key`` for a client
   certificate (RabbitMQ ``verify_peer``). Certificates from ``directord pki``.
@@ -23,6 +25,7 @@ Spec sheet
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ from urllib.parse import urlsplit
 from directord.config import Settings
 from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
 from directord.security.tls import read_pem
+from directord.transports.base import ParkedHandler
 from directord.transports.broker import BrokerTransport, Headers
 
 try:
@@ -106,10 +110,14 @@ class AmqpTransport(BrokerTransport):
         log.warning("messaging: connection to the broker lost; reconnecting")
         self.broker_lost()
 
+    def _queue_arguments(self) -> dict[str, Any]:
+        return {"x-message-ttl": int(self.settings.messaging_queue_ttl * 1000)}
+
     async def _queue(self, name: str) -> Any:
-        arguments = {"x-message-ttl": int(self.settings.messaging_queue_ttl * 1000)}
         try:
-            queue = await self._channel.declare_queue(name, durable=True, arguments=arguments)
+            queue = await self._channel.declare_queue(
+                name, durable=True, arguments=self._queue_arguments()
+            )
         except Exception as exc:
             raise ConnectionLost(f"messaging: cannot declare queue {name}: {exc}") from None
         self._declared.add(name)
@@ -171,6 +179,43 @@ class AmqpTransport(BrokerTransport):
         if name not in self._declared:
             await self._queue(name)  # so jobs wait for a node that never connected yet
         await self._publish(name, dict(headers), body)
+
+    @property
+    def parks(self) -> bool:
+        return True
+
+    async def park(self, identity: str, job_id: str, message: bytes) -> None:
+        name = self.parked_inbox(identity)
+        if name not in self._declared:
+            await self._queue(name)
+        await self._publish(name, {"j": job_id}, message)
+
+    async def take_parked(self, handler: ParkedHandler) -> None:
+        # A channel of its own: a refusal (ACCESS_REFUSED) closes only this one.
+        name = self.parked_inbox(self.settings.resolved_identity())
+        try:
+            channel = await self._conn.channel()
+        except Exception as exc:
+            raise ConnectionLost(f"messaging: cannot open a channel: {exc}") from None
+        try:
+            try:
+                queue = await channel.declare_queue(
+                    name, durable=True, arguments=self._queue_arguments()
+                )
+            except Exception as exc:
+                raise ConnectionLost(f"messaging: cannot declare queue {name}: {exc}") from None
+            while True:
+                try:
+                    message = await queue.get(no_ack=False, fail=False, timeout=CONNECT_TIMEOUT)
+                except Exception as exc:
+                    raise ConnectionLost(f"messaging: cannot read queue {name}: {exc}") from None
+                if message is None:
+                    return
+                await handler(str((message.headers or {}).get("j", "")), message.body)
+                await message.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def close_broker(self) -> None:
         conn, self._conn = self._conn, None

@@ -56,6 +56,8 @@ class Connection(ABC):
 
 
 ConnectionHandler = Callable[[Connection], Awaitable[None]]
+#: Called with (job id, message) for each job a node finds parked for it.
+ParkedHandler = Callable[[str, bytes], Awaitable[None]]
 
 
 class Transport(ABC):
@@ -85,6 +87,29 @@ class Transport(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop serving / drop client resources; idempotent."""
+
+    # ---- jobs for an offline node (brokers only) -------------------------------------------
+    # A broker can keep a message for a node that is away. The server parks each job
+    # it cannot deliver there; the node takes its parked jobs once welcomed. The
+    # server's datastore stays the record: it lists in the welcome which parked jobs
+    # it still owes, the node runs only those, and anything the broker lost is
+    # re-sent over the session.
+    @property
+    def parks(self) -> bool:
+        """True when :meth:`park` keeps messages for offline nodes."""
+        return False
+
+    async def park(self, identity: str, job_id: str, message: bytes) -> None:
+        """Keep one job message in the broker for an offline node. Raises ConnectionLost."""
+        raise ConnectionLost(f"the {self.name} driver cannot keep jobs for offline nodes")
+
+    async def take_parked(self, handler: ParkedHandler) -> None:
+        """Hand this node's parked jobs to ``handler`` in order, then forget them.
+
+        Raises:
+            ConnectionLost: the broker could not be read; what is left stays parked.
+        """
+        return None
 
     async def __aenter__(self) -> Transport:
         return self

@@ -15,6 +15,8 @@ This layer rebuilds the Transport contract on top:
   which makes the client reconnect and register again, and then the server
   re-sends whatever it still owes: no job is lost or run twice (the node's
   journal refuses a second run of a job id).
+* Jobs for a node without a session wait in the broker, in
+  ``<ns>.parked.<id>`` (see ``Transport.park`` and server/parking.py).
 * A driver proves identities when the broker does: ``proven_identity``
   returns the broker-authenticated user of a message, or None.
 """
@@ -116,6 +118,10 @@ class BrokerTransport(Transport):
     def node_inbox(self, identity: str) -> str:
         """The inbox (queue / subject) of one node."""
         return f"{self.settings.broker_namespace}.node.{identity}"
+
+    def parked_inbox(self, identity: str) -> str:
+        """Where jobs wait for one node while it is away (see :meth:`Transport.park`)."""
+        return f"{self.settings.broker_namespace}.parked.{identity}"
 
     # ---- what a driver implements --------------------------------------------------------
     @abstractmethod

@@ -13,10 +13,13 @@ Spec sheet
 * TLS: ``--nats-tls`` with ``--nats-tls-ca`` (verifies the server) and
   ``--nats-tls-cert`` / ``--nats-tls-key`` for mTLS; certificates from
   ``directord pki``.
-* Offline nodes: jobs a node is owed are kept by the directord server in its
-  datastore and re-sent, with the same ids, when the node's next session
-  opens; the node's journal makes a second delivery harmless. Core NATS
-  carries the messages, so a NATS restart loses nothing the server accepted.
+* Offline nodes: a job for a node without a session waits in JetStream, in the
+  stream ``<ns>_parked`` (subjects ``<ns>.parked.>``, file storage, work-queue
+  retention, messages kept ``--messaging-queue-ttl`` seconds); the node takes it with a durable
+  pull consumer when it returns. The server's datastore remains the record of
+  what is owed (server/parking.py): with JetStream off on the NATS server,
+  jobs wait there only and are sent when the node's next session opens.
+  Sessions themselves run on core NATS subjects.
 * Identities are not proven by this driver: NATS does not tell a subscriber
   who published. Use subject permissions per node user to stop one node from
   reading another's jobs.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -38,12 +42,15 @@ from urllib.parse import urlsplit
 from directord.config import Settings
 from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
 from directord.security.tls import read_pem
+from directord.transports.base import ConnectionHandler, ParkedHandler
 from directord.transports.broker import BrokerTransport, Headers
 
 try:
     import nats
     import nats.aio.client
     import nats.errors
+    import nats.js.api
+    import nats.js.errors
 except ImportError as exc:
     raise MissingDependencyError("pip install directord[nats]") from exc
 
@@ -51,6 +58,13 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # Room left under max_payload for headers: NATS counts them in a message's size.
 HEADER_ROOM = 4096
+JS_TIMEOUT = 5.0
+PARKED_BATCH = 64
+
+
+def consumer_name(identity: str) -> str:
+    """A node's JetStream consumer: its identity with ``_`` and ``.`` escaped (injective)."""
+    return "node-" + identity.replace("_", "_5f").replace(".", "_2e")
 
 
 def _masked(url: str) -> str:
@@ -75,9 +89,17 @@ class NatsTransport(BrokerTransport):
         self._parts: dict[str, list[bytes]] = {}
         # Keeps the parts of one message together (and in order) on the wire.
         self._publish_lock = asyncio.Lock()
+        self._js: Any = None  # set on the server once the parked stream exists
+        self.parked_stream = re.sub(r"[^A-Za-z0-9_-]", "_", settings.broker_namespace) + "_parked"
+        self.consumer = consumer_name(settings.resolved_identity())
+        self.inbox_prefix = f"_INBOX.{settings.broker_namespace}.{self.consumer}"
 
     def describe(self) -> str:
         return f"{_masked(self.settings.nats_url)} ({self.server_inbox})"
+
+    async def serve(self, handler: ConnectionHandler) -> str:
+        self.inbox_prefix = f"_INBOX.{self.settings.broker_namespace}.server"
+        return await super().serve(handler)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -98,6 +120,9 @@ class NatsTransport(BrokerTransport):
         s = self.settings
         options: dict[str, Any] = {
             "name": f"directord {s.resolved_identity()}",
+            # Replies (JetStream API, pulled messages) come to an inbox of this node's
+            # own, so a node's NATS user can be kept out of every other inbox.
+            "inbox_prefix": self.inbox_prefix,
             "connect_timeout": CONNECT_TIMEOUT,
             # The first connect tries each URL twice, then fails: wrong credentials or
             # an absent broker come back as ConnectError (the agent backs off and logs
@@ -184,6 +209,69 @@ class NatsTransport(BrokerTransport):
                 await self.on_server_message(headers, body, None)
 
         await self._nc.subscribe(self.server_inbox, cb=on_message, pending_msgs_limit=-1)
+        await self._open_parked_stream()
+
+    async def _open_parked_stream(self) -> None:
+        js = self._nc.jetstream(timeout=JS_TIMEOUT)
+        config = nats.js.api.StreamConfig(
+            name=self.parked_stream,
+            subjects=[f"{self.settings.broker_namespace}.parked.>"],
+            storage=nats.js.api.StorageType.FILE,
+            # A message is gone once its node acknowledges it.
+            retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
+            max_age=self.settings.messaging_queue_ttl,
+        )
+        try:
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await js.update_stream(config)  # exists with other settings (TTL changed)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning(
+                "nats: no JetStream stream for offline nodes (%s: %s); their jobs wait in "
+                "the server's datastore only",
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self._js = js
+        log.info("nats: jobs for offline nodes wait in JetStream stream %s", self.parked_stream)
+
+    @property
+    def parks(self) -> bool:
+        return self._js is not None
+
+    async def park(self, identity: str, job_id: str, message: bytes) -> None:
+        subject = self.parked_inbox(identity)
+        try:
+            await self._js.publish(subject, message, headers={"j": job_id}, timeout=JS_TIMEOUT)
+        except Exception as exc:
+            raise ConnectionLost(f"nats: cannot park on {subject}: {exc}") from None
+
+    async def take_parked(self, handler: ParkedHandler) -> None:
+        subject = self.parked_inbox(self.settings.resolved_identity())
+        js = self._nc.jetstream(timeout=JS_TIMEOUT)
+        try:
+            sub = await js.pull_subscribe(subject, durable=self.consumer, stream=self.parked_stream)
+        except Exception as exc:
+            raise ConnectionLost(f"nats: cannot read {subject}: {exc}") from None
+        try:
+            while True:
+                try:
+                    info = await sub.consumer_info()
+                    if not info.num_pending:
+                        return
+                    messages = await sub.fetch(
+                        batch=min(PARKED_BATCH, info.num_pending), timeout=JS_TIMEOUT
+                    )
+                except Exception as exc:
+                    raise ConnectionLost(f"nats: cannot read {subject}: {exc}") from None
+                for message in messages:
+                    await handler(str((message.headers or {}).get("j", "")), message.data)
+                    await message.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def listen_node(self, identity: str) -> None:
         async def on_message(msg: Any) -> None:
