@@ -23,9 +23,11 @@ from directord.config import Settings
 from directord.errors import ConnectError, ConnectionLost, RetryableError
 from directord.protocol import MAX_FRAME
 from directord.transports import Connection, Link, Transport
+from directord.transports.amqp import AmqpTransport
 from directord.transports.base import BATCH_BYTES
 from directord.transports.grpc import GrpcTransport
 from directord.transports.memory import MemoryTransport
+from directord.transports.nats import NatsTransport
 from directord.transports.zmq import ZmqTransport
 
 T = TypeVar("T")
@@ -52,6 +54,12 @@ class TransportCase:
     sees_peer_close: bool = True
     # Whether an empty message is delivered as one (ZeroMQ's marks a new connection).
     empty_messages: bool = True
+    # Whether a client learns that the server went away while it was connected, and
+    # cannot connect without one. On a broker the client talks to the broker: it
+    # learns of a server restart from the reset answering its next heartbeat.
+    sees_server: bool = True
+    # The session fixture a broker driver needs (its ``url`` is the broker's).
+    broker: str = ""
 
 
 def _free_port() -> int:
@@ -134,12 +142,67 @@ def _zmq_nowhere(scratch: str) -> Transport:
     return transport
 
 
+# Broker URLs, filled in by the ``case`` fixture from the session's private brokers.
+BROKER_URLS: dict[str, str] = {}
+
+
+def _broker_settings(driver: str, scratch: str) -> Settings:
+    # A namespace per test: the brokers outlive tests, and old sessions must not meet.
+    url_option = {"nats": "nats_url", "messaging": "messaging_url"}[driver]
+    return dataclasses.replace(
+        BASE,
+        driver=driver,
+        broker_namespace=f"contract-{os.path.basename(scratch)}",
+        **{url_option: BROKER_URLS[driver]},
+    )
+
+
+def _nats_server(scratch: str) -> Transport:
+    return NatsTransport(_broker_settings("nats", scratch))
+
+
+def _nats_client(scratch: str, address: str, identity: str) -> Transport:
+    settings = _broker_settings("nats", scratch)
+    return NatsTransport(dataclasses.replace(settings, identity=identity))
+
+
+def _nats_nowhere(scratch: str) -> Transport:
+    settings = _broker_settings("nats", scratch)
+    return NatsTransport(dataclasses.replace(settings, nats_url=f"nats://127.0.0.1:{_free_port()}"))
+
+
+def _amqp_server(scratch: str) -> Transport:
+    return AmqpTransport(_broker_settings("messaging", scratch))
+
+
+def _amqp_client(scratch: str, address: str, identity: str) -> Transport:
+    settings = _broker_settings("messaging", scratch)
+    return AmqpTransport(dataclasses.replace(settings, identity=identity))
+
+
+def _amqp_nowhere(scratch: str) -> Transport:
+    settings = _broker_settings("messaging", scratch)
+    url = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
+    return AmqpTransport(dataclasses.replace(settings, messaging_url=url))
+
+
 CASES = [
     TransportCase("memory", _memory_server, _memory_client, _memory_nowhere),
     TransportCase("grpc-tcp", _grpc_tcp_server, _grpc_tcp_client, _grpc_tcp_nowhere),
     TransportCase("grpc-unix", _grpc_unix_server, _grpc_unix_client, _grpc_unix_nowhere),
     TransportCase(
         "zmq", _zmq_server, _zmq_client, _zmq_nowhere, sees_peer_close=False, empty_messages=False
+    ),
+    TransportCase(
+        "nats", _nats_server, _nats_client, _nats_nowhere, sees_server=False, broker="nats"
+    ),
+    TransportCase(
+        "messaging",
+        _amqp_server,
+        _amqp_client,
+        _amqp_nowhere,
+        sees_server=False,
+        broker="messaging",
     ),
 ]
 # Tests of a capability some drivers lack run over the drivers that have it.
@@ -149,6 +212,23 @@ closing = pytest.mark.parametrize(
 empty_messages = pytest.mark.parametrize(
     "case", [c for c in CASES if c.empty_messages], ids=lambda c: c.name
 )
+sees_server = pytest.mark.parametrize(
+    "case", [c for c in CASES if c.sees_server], ids=lambda c: c.name
+)
+sees_server_close = pytest.mark.parametrize(
+    "case", [c for c in CASES if c.sees_server and c.sees_peer_close], ids=lambda c: c.name
+)
+BROKER_FIXTURES = {"nats": "nats_broker", "messaging": "rabbitmq_broker"}
+
+
+@pytest.fixture(autouse=True)
+def broker_urls(request: pytest.FixtureRequest) -> None:
+    """Start (once) the private broker a broker case needs; fail if it cannot run."""
+    params = getattr(request.node, "callspec", None)
+    case = params.params.get("case") if params is not None else None
+    if isinstance(case, TransportCase) and case.broker:
+        broker = request.getfixturevalue(BROKER_FIXTURES[case.broker])
+        BROKER_URLS[case.broker] = broker.url if case.broker == "nats" else broker.url()
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
@@ -430,7 +510,7 @@ def test_handler_return_ends_the_connection(case: TransportCase, scratch: str) -
     run(go())
 
 
-@closing
+@sees_server_close
 def test_server_transport_close_ends_live_connections(case: TransportCase, scratch: str) -> None:
     async def server(conn: Connection) -> str:
         assert await conn.recv() == b"hi"
@@ -485,6 +565,7 @@ def test_connect_to_nothing_raises_connect_error(case: TransportCase, scratch: s
     run(go())
 
 
+@sees_server
 def test_connect_after_server_closed_raises_connect_error(
     case: TransportCase, scratch: str
 ) -> None:
@@ -627,5 +708,38 @@ def test_link_recv_after_peer_close_raises_connection_lost(
             assert await pair.result() is None
             with contextlib.suppress(ConnectionLost):
                 await link.recv()
+
+    run(go())
+
+
+# ---- jobs parked for offline nodes ------------------------------------------------------------
+
+
+def test_parked_messages_wait_for_their_node_in_order(case: TransportCase, scratch: str) -> None:
+    """A driver that parks keeps messages for a node until it takes them, once and in order;
+    one that cannot says so, and a node then finds nothing."""
+
+    async def go() -> None:
+        async with Pair(case, scratch, _echo) as pair:
+            assert pair.server is not None
+            if not pair.server.parks:
+                with pytest.raises(ConnectionLost):
+                    await pair.server.park("node0", "job-1", b"m1")
+            else:
+                for i in range(1, 4):
+                    await pair.server.park("node0", f"job-{i}", b"m%d" % i)
+                await pair.server.park("node1", "job-x", b"other node")
+            await pair.connect()  # node0
+            taken: list[tuple[str, bytes]] = []
+
+            async def take(job_id: str, message: bytes) -> None:
+                taken.append((job_id, message))
+
+            await pair.clients[0].take_parked(take)
+            expected = [(f"job-{i}", b"m%d" % i) for i in range(1, 4)]
+            assert taken == (expected if pair.server.parks else [])
+            taken.clear()
+            await pair.clients[0].take_parked(take)  # taken means gone
+            assert taken == []
 
     run(go())

@@ -467,6 +467,29 @@ def test_job_for_an_offline_node_runs_when_it_returns(make_cluster: Any, driver:
     wait_for(lambda: parked_count(c, driver, parked) == 0, "the parked job to be acked", DEADLINE)
 
 
+@pytest.mark.parametrize("driver", BROKER_DRIVERS)
+def test_a_parked_job_past_its_deadline_never_runs(make_cluster: Any, driver: str) -> None:
+    c: Cluster = make_cluster(
+        nodes=2, driver=driver, heartbeat=1.0, server_args=["--job-timeout-grace", "0.2"]
+    )
+    tok = uid()
+    late = c.root / f"late-{tok}"
+    c.stop_process("node1")
+    wait_status(c, "node1", "offline")
+    [parent] = c.json("exec", "--verb", "RUN", f"--timeout 1 touch {late}", "--target", "node1")
+    parked = f"{c.namespace}.parked.node1"
+    wait_for(lambda: parked_count(c, driver, parked) == 1, "the job to be parked", DEADLINE)
+    with DirectordConnect(c.socket_path) as conn:
+        ok, info = conn.poll(parent["jobs"][0], timeout=DEADLINE)
+    assert not ok and info["results"]["node1"]["state"] == "undelivered", info
+    # Back after the deadline: the server no longer owes the job, so it never runs,
+    # although its message is still in the broker.
+    c.start_client("node1")
+    assert_jobs_run_on(c, ["node1"])
+    assert parked_count(c, driver, parked) == 1
+    assert not late.exists()
+
+
 def test_a_forged_parked_job_never_runs(make_cluster: Any) -> None:
     """Whoever can publish to a node's parked subject still cannot make it run a job."""
     c: Cluster = make_cluster(nodes=2, driver="nats", heartbeat=1.0)

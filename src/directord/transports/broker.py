@@ -28,6 +28,7 @@ import contextlib
 import logging
 import uuid
 from abc import abstractmethod
+from collections.abc import Coroutine
 from typing import Any
 
 from directord.config import Settings
@@ -36,6 +37,7 @@ from directord.transports.base import Connection, ConnectionHandler, Transport
 
 log = logging.getLogger(__name__)
 Headers = dict[str, str]
+CLOSE_NOTICE_WAIT = 1.0
 
 
 class _ServerConn(Connection):
@@ -68,8 +70,9 @@ class _ServerConn(Connection):
         self.closed = True
         self.queue.put_nowait(None)
         self._t.sessions.pop(self.sid, None)
-        with contextlib.suppress(Exception):
-            await self._t.publish_node(self.identity, {"s": self.sid, "k": "close"}, b"")
+        await self._t.say_closed(
+            self._t.publish_node(self.identity, {"s": self.sid, "k": "close"}, b"")
+        )
 
 
 class _ClientConn(Connection):
@@ -100,6 +103,8 @@ class _ClientConn(Connection):
             self.queue.put_nowait(None)
             if self._t.client_conn is self:
                 self._t.client_conn = None
+            # Tell the server at once; without it, it finds out from heartbeats.
+            await self._t.say_closed(self._t.publish_server({"s": self.sid, "k": "close"}, b""))
 
 
 class BrokerTransport(Transport):
@@ -122,6 +127,13 @@ class BrokerTransport(Transport):
     def parked_inbox(self, identity: str) -> str:
         """Where jobs wait for one node while it is away (see :meth:`Transport.park`)."""
         return f"{self.settings.broker_namespace}.parked.{identity}"
+
+    async def say_closed(self, publish: Coroutine[Any, Any, None]) -> None:
+        """Best effort: a close marker must not hold anything up when the broker is away."""
+        try:
+            await asyncio.wait_for(publish, CLOSE_NOTICE_WAIT)
+        except (ConnectionLost, TimeoutError) as exc:
+            log.debug("%s: close not announced: %s", self.name, exc)
 
     # ---- what a driver implements --------------------------------------------------------
     @abstractmethod
@@ -243,6 +255,10 @@ class BrokerTransport(Transport):
             conn.queue.put_nowait(None)
 
     async def close(self) -> None:
+        # Nodes are not told: a node told would retry at once and keep retrying,
+        # piling opens and hellos into the server's durable inbox for as long as
+        # the server is down. Each finds out on the server's return, from the
+        # ``reset`` answering its next heartbeat.
         for conn in list(self.sessions.values()):
             conn.closed = True
             conn.queue.put_nowait(None)
