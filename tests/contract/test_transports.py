@@ -3,6 +3,7 @@
 Each ``TransportCase`` knows how to build a serving transport and a client
 transport that dials it; a new driver joins by adding one case to ``CASES``.
 Server-side behaviour runs inside the connection handler, as in the server.
+The broker drivers (NATS, RabbitMQ) run on this session's private brokers.
 """
 
 from __future__ import annotations
