@@ -24,7 +24,7 @@ from typing import Any
 from directord import __version__
 from directord.agent.cache import NodeCache
 from directord.agent.context import JobContext
-from directord.components import get_component
+from directord.components import get_component, preload
 from directord.components.base import Outcome
 from directord.config import Settings
 from directord.errors import (
@@ -126,6 +126,7 @@ class Agent:
 
     async def run(self) -> None:
         """Connect (with backoff) and serve until :meth:`stop`."""
+        preload()
         self._recover()
         backoff = 0.1
         stopping = asyncio.ensure_future(self._stop.wait())

@@ -19,7 +19,7 @@ from directord.components.base import Component, ExecHelp
 from directord.errors import ComponentArgsError, OrchestrationError
 from directord.models import JobSpec, job_sha
 
-__all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs"]
+__all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs", "preload"]
 
 USER_COMPONENT_DIR = "/etc/directord/components"
 _REGISTRY: dict[str, type[Component]] = {}
@@ -52,6 +52,17 @@ def _registry() -> dict[str, type[Component]]:
             _REGISTRY[ep.name.upper()] = ep.load()
         _load_user_components(USER_COMPONENT_DIR)
     return _REGISTRY
+
+
+def preload() -> int:
+    """Load every component now (daemons do, at start): the first job should not pay
+    for imports, and a broken plugin should show at start, not at its first job.
+
+    Returns the number of verbs loaded.
+    """
+    for verb in _registry():
+        get_component(verb)
+    return len(_INSTANCES)
 
 
 def known_verbs() -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from directord import __version__
-from directord.components import build_job
+from directord.components import build_job, preload
 from directord.components.copy import per_node_name
 from directord.config import Settings
 from directord.datastores import Datastore, open_datastore
@@ -66,6 +66,7 @@ class Server:
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Open the datastore, load history, listen for nodes and users."""
+        preload()  # components: the first submission should not pay for their imports
         await self.store.start()
         self.nodes.load(await self.store.scan(NODES))
         self.jobs.load(
