@@ -55,10 +55,10 @@ def _registry() -> dict[str, type[Component]]:
 
 
 def preload() -> int:
-    """Load every component now (daemons do, at start): the first job should not pay
-    for imports, and a broken plugin should show at start, not at its first job.
+    """Load every component now; returns the number of verbs loaded.
 
-    Returns the number of verbs loaded.
+    Daemons call it at start: the first job should not pay for imports, and a
+    broken plugin should show at start rather than at its first job.
     """
     for verb in _registry():
         get_component(verb)
