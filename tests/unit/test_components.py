@@ -545,3 +545,39 @@ def test_job_sha_function() -> None:
     assert job_sha("RUN", {"argv": "x", "retry": 0}, 600.0, True) != a
     assert job_sha("ECHO", {"argv": "x", "retry": 0}, 600.0, False) != a
     assert {"skip_cache", "force_lock", "exec_help"} <= TRANSIENT_OPTIONS
+
+
+def test_a_broken_user_component_is_skipped_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import directord.components as registry
+
+    (tmp_path / "broken.py").write_text("this is not python(\n")
+    (tmp_path / "fails_init.py").write_text(
+        "from directord.components.base import Component\n"
+        "class Bad(Component):\n"
+        "    verb = 'BADINIT'\n"
+        "    summary = 'fails'\n"
+        "    async def execute(self, options, ctx):\n"
+        "        raise NotImplementedError\n"
+        "    def __init__(self):\n"
+        "        raise RuntimeError('no')\n"
+    )
+    (tmp_path / "hello.py").write_text(
+        "from directord.components.base import Component\n"
+        "class Hello(Component):\n"
+        "    verb = 'HELLO'\n"
+        "    summary = 'says hello'\n"
+        "    async def execute(self, options, ctx):\n"
+        "        raise NotImplementedError\n"
+    )
+    monkeypatch.setattr(registry, "USER_COMPONENT_DIR", str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_INSTANCES", {})
+    registry.preload()  # does not raise: the daemon starts with what loads
+    verbs = known_verbs()
+    assert "HELLO" in verbs and "RUN" in verbs
+    assert "BADINIT" not in verbs
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("broken.py" in e and "SyntaxError" in e for e in errors), errors
+    assert any("BADINIT" in e and "RuntimeError" in e for e in errors), errors

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -21,6 +22,7 @@ from directord.models import JobSpec, job_sha
 
 __all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs", "preload"]
 
+log = logging.getLogger(__name__)
 USER_COMPONENT_DIR = "/etc/directord/components"
 _REGISTRY: dict[str, type[Component]] = {}
 _INSTANCES: dict[str, Component] = {}
@@ -35,7 +37,12 @@ def _load_user_components(directory: str) -> None:
         if spec is None or spec.loader is None:
             continue
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            # One bad file must not take every verb (or the daemon) down with it.
+            log.error("skipped component file %s: %s: %s", file, type(exc).__name__, exc)
+            continue
         for obj in vars(module).values():
             if (
                 isinstance(obj, type)
@@ -49,7 +56,12 @@ def _load_user_components(directory: str) -> None:
 def _registry() -> dict[str, type[Component]]:
     if not _REGISTRY:
         for ep in entry_points(group="directord.components"):
-            _REGISTRY[ep.name.upper()] = ep.load()
+            try:
+                _REGISTRY[ep.name.upper()] = ep.load()
+            except Exception as exc:
+                log.error(
+                    "skipped component %s (%s): %s: %s", ep.name, ep.value, type(exc).__name__, exc
+                )
         _load_user_components(USER_COMPONENT_DIR)
     return _REGISTRY
 
@@ -58,10 +70,15 @@ def preload() -> int:
     """Load every component now; returns the number of verbs loaded.
 
     Daemons call it at start: the first job should not pay for imports, and a
-    broken plugin should show at start rather than at its first job.
+    broken plugin is logged at start rather than at its first job.
     """
-    for verb in _registry():
-        get_component(verb)
+    for verb, cls in list(_registry().items()):
+        if verb not in _INSTANCES:
+            try:
+                _INSTANCES[verb] = cls()
+            except Exception as exc:
+                log.error("skipped component %s: %s: %s", verb, type(exc).__name__, exc)
+                del _REGISTRY[verb]
     return len(_INSTANCES)
 
 
