@@ -65,12 +65,22 @@ def main() -> int:
         action="store_true",
         help="also run with gRPC mTLS (certificates from directord pki)",
     )
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="also run ZeroMQ with Curve25519 (a key per node); implies --driver zmq",
+    )
     args = parser.parse_args()
+    if args.curve:
+        args.driver = "zmq"
     args.label = args.label or args.driver
     runs = [(args.label, args.server_arg, args.client_arg)]
     if args.tls:
         pki_dir = tempfile.mkdtemp(prefix="directord-bench-pki-")
         runs.append((f"{args.label}+mtls", *tls_args(pki_dir, args.nodes)))
+    if args.curve:
+        key_dir = tempfile.mkdtemp(prefix="directord-bench-keys-")
+        runs.append((f"{args.label}+curve", *curve_args(key_dir, args.nodes)))
     for label, server_args, client_args in runs:
         if run(label, args, server_args, client_args):
             return 1
@@ -102,6 +112,18 @@ def tls_args(pki_dir: str, nodes: int) -> tuple[list[str], list[str]]:
         f"{pki_dir}/private/{{identity}}.key",
     ]
     return server, client
+
+
+def curve_args(key_dir: str, nodes: int) -> tuple[list[str], list[str]]:
+    """Throwaway curve keys: server, shared client, and one per node (identity-bound)."""
+    from directord.security import curve
+
+    curve.generate(
+        key_dir, [curve.SERVER, curve.SHARED_CLIENT] + [f"node{i}" for i in range(nodes)]
+    )
+    # Every local "node" reads the same key dir: each finds its own secret by identity.
+    both = ["--zmq-curve-encryption", "--zmq-key-dir", key_dir]
+    return both, both
 
 
 def run(
