@@ -6,8 +6,9 @@ Spec sheet
   ``amqp://guest:guest@127.0.0.1:5672/``); the password is masked in logs.
 * Queues (durable, on the default exchange): ``<ns>.server`` read by the
   server, ``<ns>.node.<identity>`` read by each node (``<ns>``:
-  ``--broker-namespace``, default ``directord``). Messages are
-  persistent; a node queue keeps messages for ``--messaging-queue-ttl``
+  ``--broker-namespace``, default ``directord``). Session messages are
+  transient (a broker restart ends sessions; both ends re-send what is
+  unacknowledged), parked jobs persistent; a node queue keeps messages for ``--messaging-queue-ttl``
   seconds (3600) while its node is away. A job for a node without a session
   waits in the durable queue ``<ns>.parked.<identity>`` (same TTL) and runs
   when the node returns; the server's datastore remains the record of what
@@ -63,6 +64,7 @@ class AmqpTransport(BrokerTransport):
         super().__init__(settings)
         self._conn: Any = None
         self._channel: Any = None
+        self._park_channel: Any = None  # with publisher confirms: parked means stored
         self._user = urlsplit(settings.messaging_url).username or "guest"
         self._declared: set[str] = set()
         self._closing = False
@@ -100,7 +102,9 @@ class AmqpTransport(BrokerTransport):
         except Exception as exc:
             raise ConnectError(f"cannot reach RabbitMQ at {_masked(url)}: {exc}") from None
         self._conn.close_callbacks.add(self._on_close)
-        self._channel = await self._conn.channel()
+        # No publisher confirms on the session channel: delivery is acknowledged end
+        # to end (acks, result acks), and a confirm per batch halves throughput.
+        self._channel = await self._conn.channel(publisher_confirms=False)
         await self._channel.set_qos(prefetch_count=512)
         log.info("messaging: connected to %s", _masked(url))
 
@@ -155,13 +159,27 @@ class AmqpTransport(BrokerTransport):
             raise ConnectError(str(exc)) from None
 
     async def _publish(
-        self, routing_key: str, headers: dict[str, Any], body: bytes, user_id: str | None = None
+        self,
+        routing_key: str,
+        headers: dict[str, Any],
+        body: bytes,
+        user_id: str | None = None,
+        persistent: bool = False,
     ) -> None:
-        message = aio_pika.Message(
-            body, headers=headers, user_id=user_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        # Session traffic is transient: a broker restart ends every session anyway,
+        # and what was in flight is re-sent from the server's datastore and the
+        # node's journal. Parked jobs must outlive a broker restart: persistent.
+        mode = (
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
         )
+        message = aio_pika.Message(body, headers=headers, user_id=user_id, delivery_mode=mode)
+        channel = self._channel
         try:
-            await self._channel.default_exchange.publish(message, routing_key=routing_key)
+            if persistent:
+                if self._park_channel is None:
+                    self._park_channel = await self._conn.channel(publisher_confirms=True)
+                channel = self._park_channel
+            await channel.default_exchange.publish(message, routing_key=routing_key)
         except Exception as exc:
             raise ConnectionLost(f"messaging: publish to {routing_key} failed: {exc}") from None
 
@@ -188,7 +206,7 @@ class AmqpTransport(BrokerTransport):
         name = self.parked_inbox(identity)
         if name not in self._declared:
             await self._queue(name)
-        await self._publish(name, {"j": job_id}, message)
+        await self._publish(name, {"j": job_id}, message, persistent=True)
 
     async def take_parked(self, handler: ParkedHandler) -> None:
         # A channel of its own: a refusal (ACCESS_REFUSED) closes only this one.
@@ -219,6 +237,7 @@ class AmqpTransport(BrokerTransport):
 
     async def close_broker(self) -> None:
         conn, self._conn = self._conn, None
+        self._park_channel = None
         self._closing = True
         if conn is not None:
             try:
