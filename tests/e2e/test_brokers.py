@@ -468,6 +468,37 @@ def test_job_for_an_offline_node_runs_when_it_returns(make_cluster: Any, driver:
 
 
 @pytest.mark.parametrize("driver", BROKER_DRIVERS)
+def test_parked_jobs_still_come_from_the_broker_after_a_server_restart(
+    make_cluster: Any, driver: str
+) -> None:
+    c: Cluster = make_cluster(nodes=2, driver=driver, heartbeat=1.0)
+    tok = uid()
+    ran = c.root / f"ran-{tok}"
+    c.stop_process("node1")
+    wait_status(c, "node1", "offline")
+    path = c.root / f"two-{tok}.yaml"
+    path.write_text(f"- jobs:\n  - RUN: echo first >> {ran}\n  - RUN: echo second >> {ran}\n")
+    [parent] = c.json("orchestrate", str(path), "--target", "node1")
+    parked = f"{c.namespace}.parked.node1"
+    wait_for(lambda: parked_count(c, driver, parked) == 2, "the jobs to be parked", DEADLINE)
+    c.stop_process("server")
+    c.start_server()  # the record of what is parked comes back from the datastore
+    c.start_client("node1")
+    with DirectordConnect(c.socket_path) as conn:
+        for job_id in parent["jobs"]:
+            ok, info = conn.poll(job_id, timeout=DEADLINE)
+            assert ok and info["results"]["node1"]["state"] == "success", info
+    assert ran.read_text() == "first\nsecond\n"  # once each, in order
+    wait_for(
+        lambda: "took 2 of 2 parked jobs from the broker" in c.log("node1").read_text(),
+        "the node to take both parked jobs",
+        DEADLINE,
+    )
+    assert "missing from the broker" not in c.log("server").read_text()
+    wait_for(lambda: parked_count(c, driver, parked) == 0, "the broker to forget them", DEADLINE)
+
+
+@pytest.mark.parametrize("driver", BROKER_DRIVERS)
 def test_a_parked_job_past_its_deadline_never_runs(make_cluster: Any, driver: str) -> None:
     c: Cluster = make_cluster(
         nodes=2, driver=driver, heartbeat=1.0, server_args=["--job-timeout-grace", "0.2"]

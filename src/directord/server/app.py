@@ -24,6 +24,7 @@ from directord.server.api import APIServer
 from directord.server.jobs import JOBS, PARENTS, RESULTS, JobBook, PlannedJob
 from directord.server.nodes import NS as NODES
 from directord.server.nodes import NodeRegistry
+from directord.server.parking import NS as PARKED
 from directord.server.parking import ParkingLot
 from directord.server.persist import Persister
 from directord.server.sessions import AgentSession
@@ -53,7 +54,9 @@ class Server:
         self.persister = Persister(self.store)
         self.nodes = NodeRegistry(self.persister)
         self.jobs = JobBook(self.persister, settings.job_timeout_grace)
-        self.parking = ParkingLot(self.transport, self.jobs, lambda i: i in self.nodes.sessions)
+        self.parking = ParkingLot(
+            self.transport, self.jobs, self.persister, lambda i: i in self.nodes.sessions
+        )
         self.api = APIServer(self, activated.get("api"))
         self.address = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -74,6 +77,7 @@ class Server:
             await self.store.scan(RESULTS),
             await self.store.scan(PARENTS),
         )
+        self.parking.load(await self.store.scan(PARKED))
         self.persister.start()
         self.address = await self.transport.serve(self._on_connection)
         self.parking.start()

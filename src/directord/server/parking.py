@@ -8,6 +8,8 @@ message, and the node runs a parked message only when both match. A message
 the broker lost, or one parked by someone else, is never run from the broker;
 the node reports what it did not find and the server sends those jobs over the
 session instead. Parking order is submission order (one worker publishes).
+The record of what is parked is stored too (namespace ``parked``), so after a
+server restart parked jobs still come from the broker.
 """
 
 from __future__ import annotations
@@ -16,15 +18,35 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from directord.errors import ConnectionLost
 from directord.models import State
 from directord.protocol import join_packed
 from directord.server.jobs import JobBook
+from directord.server.persist import Persister
 from directord.transports import Transport
 
 log = logging.getLogger(__name__)
+NS = "parked"
+
+
+@dataclass(frozen=True)
+class ParkedJob:
+    """One job message waiting in the broker for one node."""
+
+    identity: str
+    job_id: str
+    digest: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.identity}/{self.job_id}"  # identities hold no "/"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def digest(message: bytes) -> str:
@@ -35,14 +57,31 @@ def digest(message: bytes) -> str:
 class ParkingLot:
     """Parks jobs for offline nodes and remembers which ones, per node."""
 
-    def __init__(self, transport: Transport, jobs: JobBook, online: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        jobs: JobBook,
+        persister: Persister,
+        online: Callable[[str], bool],
+    ) -> None:
         self.transport = transport
         self.jobs = jobs
+        self.persister = persister
         self.online = online
         # identity -> {job id: digest}, in parking order
         self.parked: dict[str, dict[str, str]] = {}
         self._pending: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+
+    def load(self, records: Mapping[str, Any]) -> None:
+        """Take back the stored record (server start)."""
+        for key, value in records.items():
+            try:
+                job = ParkedJob(str(value["identity"]), str(value["job_id"]), str(value["digest"]))
+            except (KeyError, TypeError) as exc:
+                log.warning("ignored a malformed parked record %r: %s", key, exc)
+                continue
+            self.parked.setdefault(job.identity, {})[job.job_id] = job.digest
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="parking")
@@ -79,20 +118,26 @@ class ParkingLot:
                     exc,
                 )
                 continue
-            self.parked.setdefault(identity, {})[job_id] = digest(message)
+            job = ParkedJob(identity, job_id, digest(message))
+            self.parked.setdefault(identity, {})[job_id] = job.digest
+            self.persister.put(NS, job.key, job)
 
     def owed(self, identity: str) -> dict[str, str]:
         """Parked jobs the node is still owed (job id -> digest), in parking order."""
         parked = self.parked.get(identity)
         if not parked:
             return {}
-        live = {j: d for j, d in parked.items() if self.still_queued(identity, j)}
-        if live:
-            self.parked[identity] = live
-        else:
+        for job_id in [j for j in parked if not self.still_queued(identity, j)]:
+            del parked[job_id]
+            self.persister.delete(NS, ParkedJob(identity, job_id, "").key)
+        if not parked:
             del self.parked[identity]
-        return live
+            return {}
+        # Submission order (parking order is lost in a stored record).
+        order = sorted(parked, key=lambda j: self.jobs.jobs[j].order)
+        return {j: parked[j] for j in order}
 
     def settle(self, identity: str) -> None:
         """The node took what it could from the broker; nothing is parked for it now."""
-        self.parked.pop(identity, None)
+        for job_id in self.parked.pop(identity, {}):
+            self.persister.delete(NS, ParkedJob(identity, job_id, "").key)
