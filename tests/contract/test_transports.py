@@ -158,33 +158,24 @@ def _broker_settings(driver: str, scratch: str) -> Settings:
     )
 
 
-def _nats_server(scratch: str) -> Transport:
-    return NatsTransport(_broker_settings("nats", scratch))
+def _broker_builders(
+    driver: str, cls: type[Transport], url_option: str, dead_url: str
+) -> tuple[
+    Callable[[str], Transport], Callable[[str, str, str], Transport], Callable[[str], Transport]
+]:
+    """Server, client and nowhere builders of a broker driver (dead_url: {port} is free)."""
 
+    def server(scratch: str) -> Transport:
+        return cls(_broker_settings(driver, scratch))
 
-def _nats_client(scratch: str, address: str, identity: str) -> Transport:
-    settings = _broker_settings("nats", scratch)
-    return NatsTransport(dataclasses.replace(settings, identity=identity))
+    def client(scratch: str, address: str, identity: str) -> Transport:
+        return cls(dataclasses.replace(_broker_settings(driver, scratch), identity=identity))
 
+    def nowhere(scratch: str) -> Transport:
+        url = dead_url.format(port=_free_port())
+        return cls(dataclasses.replace(_broker_settings(driver, scratch), **{url_option: url}))
 
-def _nats_nowhere(scratch: str) -> Transport:
-    settings = _broker_settings("nats", scratch)
-    return NatsTransport(dataclasses.replace(settings, nats_url=f"nats://127.0.0.1:{_free_port()}"))
-
-
-def _amqp_server(scratch: str) -> Transport:
-    return AmqpTransport(_broker_settings("messaging", scratch))
-
-
-def _amqp_client(scratch: str, address: str, identity: str) -> Transport:
-    settings = _broker_settings("messaging", scratch)
-    return AmqpTransport(dataclasses.replace(settings, identity=identity))
-
-
-def _amqp_nowhere(scratch: str) -> Transport:
-    settings = _broker_settings("messaging", scratch)
-    url = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
-    return AmqpTransport(dataclasses.replace(settings, messaging_url=url))
+    return server, client, nowhere
 
 
 CASES = [
@@ -195,13 +186,16 @@ CASES = [
         "zmq", _zmq_server, _zmq_client, _zmq_nowhere, sees_peer_close=False, empty_messages=False
     ),
     TransportCase(
-        "nats", _nats_server, _nats_client, _nats_nowhere, sees_server=False, broker="nats"
+        "nats",
+        *_broker_builders("nats", NatsTransport, "nats_url", "nats://127.0.0.1:{port}"),
+        sees_server=False,
+        broker="nats",
     ),
     TransportCase(
         "messaging",
-        _amqp_server,
-        _amqp_client,
-        _amqp_nowhere,
+        *_broker_builders(
+            "messaging", AmqpTransport, "messaging_url", "amqp://guest:guest@127.0.0.1:{port}/"
+        ),
         sees_server=False,
         broker="messaging",
     ),

@@ -415,11 +415,25 @@ def assert_parked_job_runs(c: Cluster, identity: str) -> None:
         ok, info = conn.poll(parent["jobs"][0], timeout=DEADLINE)
     result = info["results"][identity]
     assert ok and result["stdout"].strip() == f"parked-{tok}", result
+    assert_came_from_the_broker(c, identity, 1)
+
+
+def assert_came_from_the_broker(
+    c: Cluster, identity: str, count: int, driver: str | None = None
+) -> None:
+    """The node took ``count`` parked jobs, none had to be re-sent, and (given the
+    driver, whose broker the test may then query) the broker forgot them."""
     wait_for(
-        lambda: "took 1 of 1 parked jobs" in c.log(identity).read_text(),
-        "the node to take the parked job",
+        lambda: (
+            f"took {count} of {count} parked jobs from the broker" in c.log(identity).read_text()
+        ),
+        "the node to take its parked jobs",
         DEADLINE,
     )
+    assert "missing from the broker" not in c.log("server").read_text()
+    if driver is not None:
+        parked = f"{c.namespace}.parked.{identity}"
+        wait_for(lambda: parked_count(c, driver, parked) == 0, "the broker to forget", DEADLINE)
 
 
 def assert_jobs_run_on(c: Cluster, targets: list[str]) -> None:
@@ -457,14 +471,7 @@ def test_job_for_an_offline_node_runs_when_it_returns(make_cluster: Any, driver:
     assert ok and r["state"] == "success", r
     assert r["stdout"].strip() == f"done-{tok}"
     assert ran.read_text() == f"{tok}\n"  # ran exactly once
-    # It came from the broker (nothing had to be re-sent), and the broker forgot it.
-    wait_for(
-        lambda: "took 1 of 1 parked jobs from the broker" in c.log("node1").read_text(),
-        "the node to report the parked job",
-        DEADLINE,
-    )
-    assert "missing from the broker" not in c.log("server").read_text()
-    wait_for(lambda: parked_count(c, driver, parked) == 0, "the parked job to be acked", DEADLINE)
+    assert_came_from_the_broker(c, "node1", 1, driver)
 
 
 @pytest.mark.parametrize("driver", BROKER_DRIVERS)
@@ -489,13 +496,7 @@ def test_parked_jobs_still_come_from_the_broker_after_a_server_restart(
             ok, info = conn.poll(job_id, timeout=DEADLINE)
             assert ok and info["results"]["node1"]["state"] == "success", info
     assert ran.read_text() == "first\nsecond\n"  # once each, in order
-    wait_for(
-        lambda: "took 2 of 2 parked jobs from the broker" in c.log("node1").read_text(),
-        "the node to take both parked jobs",
-        DEADLINE,
-    )
-    assert "missing from the broker" not in c.log("server").read_text()
-    wait_for(lambda: parked_count(c, driver, parked) == 0, "the broker to forget them", DEADLINE)
+    assert_came_from_the_broker(c, "node1", 2, driver)
 
 
 @pytest.mark.parametrize("driver", BROKER_DRIVERS)

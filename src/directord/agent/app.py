@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from directord.errors import (
     Refused,
 )
 from directord.models import State
-from directord.protocol import PROTOCOL_VERSION, Envelope, decode_batch
+from directord.protocol import PROTOCOL_VERSION, Envelope, decode_batch, message_digest
 from directord.transports import Link, Transport, load_transport
 
 log = logging.getLogger(__name__)
@@ -248,7 +247,7 @@ class Agent:
             sha = wanted.get(job_id)
             if sha is None:
                 return
-            if hashlib.sha256(message).hexdigest() != sha:
+            if message_digest(message) != sha:
                 log.warning("dropped a parked message for job %s: digest mismatch", job_id)
                 return
             try:

@@ -9,6 +9,7 @@ from directord.protocol.envelope import (
     encode_batch,
     frame,
     join_packed,
+    message_digest,
     pack,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "encode_batch",
     "frame",
     "join_packed",
+    "message_digest",
     "pack",
 ]

@@ -16,6 +16,7 @@ Anything that is not a well-formed batch of maps with a string ``t`` raises
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import Any
 
@@ -53,6 +54,11 @@ def join_packed(parts: list[bytes]) -> bytes:
     else:
         header = b"\xdd" + n.to_bytes(4, "big")
     return header + b"".join(parts)
+
+
+def message_digest(data: bytes) -> str:
+    """SHA-256 of one message, hex: how a node checks a job parked in a broker."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def decode_batch(data: bytes) -> list[Envelope]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from typing import Any
 
 from directord.errors import ConnectionLost
 from directord.models import State
-from directord.protocol import join_packed
+from directord.protocol import join_packed, message_digest
 from directord.server.jobs import JobBook
 from directord.server.persist import Persister
 from directord.transports import Transport
@@ -47,11 +46,6 @@ class ParkedJob:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def digest(message: bytes) -> str:
-    """What a node checks a parked message against."""
-    return hashlib.sha256(message).hexdigest()
 
 
 class ParkingLot:
@@ -118,7 +112,7 @@ class ParkingLot:
                     exc,
                 )
                 continue
-            job = ParkedJob(identity, job_id, digest(message))
+            job = ParkedJob(identity, job_id, message_digest(message))
             self.parked.setdefault(identity, {})[job_id] = job.digest
             self.persister.put(NS, job.key, job)
 
