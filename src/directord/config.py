@@ -186,6 +186,11 @@ class Settings:
         "", "certificate for the API over TCP (server's, or the user's)", "server", "user"
     )
     key: str = _opt("", "private key for the API over TCP", "server", "user")
+    insecure: bool = _opt(
+        False,
+        "let the server listen without TLS or authentication on a non-loopback address",
+        "server",
+    )
     job_timeout_grace: float = _opt(
         5.0,
         "seconds beyond a job's timeout before the server calls it lost/undelivered",

@@ -17,7 +17,7 @@ from directord.components import build_job, preload
 from directord.components.copy import per_node_name
 from directord.config import Settings
 from directord.datastores import Datastore, open_datastore
-from directord.errors import OrchestrationError
+from directord.errors import ConfigError, OrchestrationError
 from directord.models import State
 from directord.protocol import pack
 from directord.server.api import APIServer
@@ -78,6 +78,7 @@ class Server:
             await self.store.scan(PARENTS),
         )
         self.parking.load(await self.store.scan(PARKED))
+        self._check_exposure()
         self.persister.start()
         self.address = await self.transport.serve(self._on_connection)
         self.parking.start()
@@ -95,6 +96,23 @@ class Server:
                 self.settings.ready_file,
                 {"address": self.address, "api": self.api.where, "pid": os.getpid()},
             )
+
+    def _check_exposure(self) -> None:
+        """Refuse an open listener on the network unless the operator said --insecure.
+
+        Raises:
+            ConfigError: the listener would be reachable beyond this machine unprotected.
+        """
+        exposure = self.transport.exposure()
+        if exposure is None:
+            return
+        if not self.settings.insecure:
+            raise ConfigError(
+                f"refusing to start: {exposure}. Set up mutual TLS (`directord pki`, "
+                "README 'Security'), listen on 127.0.0.1, or pass --insecure to accept this",
+                key="insecure",
+            )
+        log.warning("--insecure: %s", exposure)
 
     async def wait_closed(self) -> None:
         """Block until :meth:`close` is called."""

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 from directord import __version__
 from directord.errors import ConnectionLost, DirectordError, ProtocolError
 from directord.models import State
 from directord.protocol import PROTOCOL_VERSION, Envelope
+from directord.security.identities import identity_problem
 from directord.transports.base import Link
 
 if TYPE_CHECKING:
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
 ACK_LINGER = 0.05
-IDENTITY_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,253}$")
 # States a node may report for itself; undelivered is only ever the server's call.
 NODE_STATES = frozenset(
     {
@@ -134,8 +133,9 @@ class AgentSession:
         if hello.get("t") != "hello":
             return "first message must be hello"
         identity = hello.get("identity")
-        if not isinstance(identity, str) or not IDENTITY_RE.match(identity):
-            return f"invalid identity {identity!r}"
+        problem = identity_problem(identity)
+        if problem or not isinstance(identity, str):
+            return problem or "invalid identity"
         if hello.get("proto") != PROTOCOL_VERSION:
             return f"protocol version {hello.get('proto')!r} unsupported (need {PROTOCOL_VERSION})"
         proven = self.link.conn.peer_identity

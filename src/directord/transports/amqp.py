@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from directord.config import Settings
 from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
 from directord.security.tls import read_pem
-from directord.transports.base import ParkedHandler
+from directord.transports.base import ParkedHandler, is_loopback
 from directord.transports.broker import BrokerTransport, Headers
 
 try:
@@ -71,6 +71,17 @@ class AmqpTransport(BrokerTransport):
 
     def describe(self) -> str:
         return f"{_masked(self.settings.messaging_url)} ({self.server_inbox})"
+
+    def exposure(self) -> str | None:
+        s = self.settings
+        parts = urlsplit(s.messaging_url)
+        if is_loopback(parts.hostname or "") or s.messaging_ssl or parts.scheme == "amqps":
+            return None
+        return (
+            f"RabbitMQ at {parts.hostname} without TLS (--messaging-ssl): the broker login "
+            "and every job and result cross the network in clear; anyone who reads them can "
+            "log in as this cluster and act as its nodes"
+        )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings

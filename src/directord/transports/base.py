@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from abc import ABC, abstractmethod
@@ -75,6 +76,15 @@ class Transport(ABC):
             ConfigError: this driver cannot (the default).
         """
         raise ConfigError(f"the {self.name} driver cannot use an activated socket", key="driver")
+
+    def exposure(self) -> str | None:
+        """What anyone who can reach this server's listener could do, or None.
+
+        None when the listener authenticates its peers, or is reachable from this
+        machine only. The server refuses to start on an exposure unless the
+        operator passed ``--insecure`` (then it logs it as a warning).
+        """
+        return None
 
     @abstractmethod
     async def serve(self, handler: ConnectionHandler) -> str:
@@ -217,6 +227,23 @@ def _cut_batch(queue: list[bytes]) -> tuple[list[bytes], list[bytes]]:
         if size > BATCH_BYTES and i > 0:
             return queue[:i], queue[i:]
     return queue, []
+
+
+def is_loopback(host: str) -> bool:
+    """True for a Unix socket path, ``localhost`` or an address in 127.0.0.0/8 or ::1."""
+    host = host.strip().strip("[]")
+    if host.startswith(("unix:", "/")) or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
+
+
+IMPERSONATION = (
+    "anyone who can reach it can register as any node (an offline node's name "
+    "included), receive that node's jobs and files, and report results for it"
+)
 
 
 def describe_options(settings: Settings, prefix: str) -> dict[str, Any]:

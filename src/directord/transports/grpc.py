@@ -41,7 +41,13 @@ from directord.errors import (
 )
 from directord.protocol import MAX_FRAME
 from directord.security.tls import Revocations, check_key_pair, peer_certificate, read_pem
-from directord.transports.base import Connection, ConnectionHandler, Transport
+from directord.transports.base import (
+    IMPERSONATION,
+    Connection,
+    ConnectionHandler,
+    Transport,
+    is_loopback,
+)
 from directord.transports.relay import start_relay
 
 try:
@@ -231,6 +237,21 @@ class GrpcTransport(Transport):
 
     def adopt(self, sock: socket.socket) -> None:
         self._adopted = sock
+
+    def exposure(self) -> str | None:
+        s = self.settings
+        where = _join(s.grpc_bind_address, s.grpc_port)
+        if self._adopted is not None:
+            # systemd bound it: what counts is where, not what the flags say.
+            name = self._adopted.getsockname()
+            host = name[0] if isinstance(name, tuple) else "unix:"
+            where = f"{name} (socket activation)"
+        else:
+            host = s.grpc_bind_address
+        if is_loopback(host) or (s.grpc_ssl and s.grpc_ssl_client_auth):
+            return None
+        what = "TLS without client certificates" if s.grpc_ssl else "no TLS and no authentication"
+        return f"gRPC listener on {where} has {what}: {IMPERSONATION}"
 
     async def serve(self, handler: ConnectionHandler) -> str:
         self._handler = handler

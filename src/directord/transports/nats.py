@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 from directord.config import Settings
 from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
 from directord.security.tls import read_pem
-from directord.transports.base import ConnectionHandler, ParkedHandler
+from directord.transports.base import ConnectionHandler, ParkedHandler, is_loopback
 from directord.transports.broker import BrokerTransport, Headers
 
 try:
@@ -96,6 +96,24 @@ class NatsTransport(BrokerTransport):
 
     def describe(self) -> str:
         return f"{_masked(self.settings.nats_url)} ({self.server_inbox})"
+
+    def exposure(self) -> str | None:
+        s = self.settings
+        urls = [urlsplit(u.strip()) for u in s.nats_url.split(",") if u.strip()]
+        remote = [u for u in urls if not is_loopback(u.hostname or "")]
+        if not remote:
+            return None
+        tls = s.nats_tls or all(u.scheme == "tls" for u in urls)
+        login = bool(s.nats_nkey_seed or s.nats_creds or all(u.username for u in urls))
+        if tls and login:
+            return None
+        missing = " and ".join(
+            what for what, ok in (("TLS (--nats-tls)", tls), ("a login", login)) if not ok
+        )
+        return (
+            f"NATS at {remote[0].hostname} without {missing}: anyone who can reach the "
+            "broker can publish as any node and read the jobs sent to it"
+        )
 
     async def serve(self, handler: ConnectionHandler) -> str:
         self.inbox_prefix = f"_INBOX.{self.settings.broker_namespace}.server"

@@ -33,7 +33,13 @@ from typing import Any, ClassVar
 from directord.config import Settings
 from directord.errors import ConfigError, ConnectError, ConnectionLost, MissingDependencyError
 from directord.security import curve
-from directord.transports.base import Connection, ConnectionHandler, Transport
+from directord.transports.base import (
+    IMPERSONATION,
+    Connection,
+    ConnectionHandler,
+    Transport,
+    is_loopback,
+)
 
 try:
     import zmq
@@ -212,6 +218,15 @@ class ZmqTransport(Transport):
         self._router_monitor: Any = None
         self._open_fds: set[int] = set()
         self._rotation: _Rotation | None = None
+
+    def exposure(self) -> str | None:
+        s = self.settings
+        if is_loopback(s.zmq_bind_address) or mechanism(s) != "none":
+            return None
+        return (
+            f"ZeroMQ listener on {_url(s.zmq_bind_address, s.job_port)} has no shared key "
+            f"and no Curve keys: {IMPERSONATION}"
+        )
 
     # ---- server ----------------------------------------------------------------------
     def _secure_server(self, sock: Any) -> str:
