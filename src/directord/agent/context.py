@@ -14,6 +14,7 @@ import jinja2
 
 from directord.agent import executor
 from directord.components.base import ProcessResult
+from directord.components.files import apply_owner_mode
 from directord.errors import ComponentError
 
 if TYPE_CHECKING:
@@ -115,8 +116,23 @@ class JobContext:
             raise ComponentError(f"{info['name']}: checksum mismatch after transfer")
         return bytes(data)
 
-    async def fetch_file(self, index: int, dest: str, expected_sha256: str, size: int) -> None:
-        """Stream a job file into ``dest`` via a temp file; keep at most WINDOW chunks queued."""
+    async def fetch_file(
+        self,
+        index: int,
+        dest: str,
+        expected_sha256: str,
+        size: int,
+        *,
+        uid: int = -1,
+        gid: int = -1,
+        mode: int | None = None,
+    ) -> None:
+        """Stream a job file into ``dest`` via a temp file; keep at most WINDOW chunks queued.
+
+        mkstemp creates the temporary file with O_EXCL (so never through a
+        planted symlink) and mode 0600; it gets ``uid``/``gid``/``mode`` on its
+        descriptor before the rename, so ``dest`` never shows other rights.
+        """
         folder = os.path.dirname(dest) or "."
         fd, tmp = tempfile.mkstemp(prefix=".directord-", dir=folder)
         digest = hashlib.sha256()
@@ -136,11 +152,12 @@ class JobContext:
                     data = reply["data"]
                     digest.update(data)
                     fh.write(data)
-            if digest.hexdigest() != expected_sha256:
-                raise ComponentError(
-                    f"checksum mismatch for {dest}: the file changed on the "
-                    f"server or was damaged in transfer"
-                )
+                if digest.hexdigest() != expected_sha256:
+                    raise ComponentError(
+                        f"checksum mismatch for {dest}: the file changed on the "
+                        f"server or was damaged in transfer"
+                    )
+                apply_owner_mode(fh.fileno(), uid, gid, mode)
             os.replace(tmp, dest)
         except BaseException:
             for task in pending.values():

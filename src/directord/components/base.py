@@ -128,8 +128,37 @@ class ExecContext(Protocol):
         """Run ``/bin/sh -c command`` in its own process group, honouring the timeout."""
         ...
 
-    async def fetch_file(self, index: int, dest: str, expected_sha256: str, size: int) -> None:
-        """Stream file ``index`` of this job from the server into ``dest``, checking its hash."""
+    async def fetch_file(
+        self,
+        index: int,
+        dest: str,
+        expected_sha256: str,
+        size: int,
+        *,
+        uid: int = -1,
+        gid: int = -1,
+        mode: int | None = None,
+    ) -> None:
+        """Stream file ``index`` of this job from the server into ``dest``, checking its hash.
+
+        The content goes to a new temporary file (``O_EXCL``) beside ``dest``,
+        which gets its owner and mode through its descriptor and is then
+        renamed over ``dest``: a symlink at ``dest`` is replaced, never written
+        through, and the file never appears with other rights than these.
+
+        Args:
+            index: the file's position in the job's files.
+            dest: the final path.
+            expected_sha256: hex SHA-256 the content must have.
+            size: its size in bytes.
+            uid: owner to give the file; -1 keeps the agent's.
+            gid: group to give the file; -1 keeps the agent's.
+            mode: permission bits; None keeps the temporary file's 0600.
+
+        Raises:
+            ComponentError: the content does not match ``expected_sha256``.
+            OSError: the file cannot be written, chowned or renamed.
+        """
         ...
 
     async def fetch_bytes(self, index: int, limit: int) -> bytes:

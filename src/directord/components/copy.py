@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import hashlib
 import os
+import tempfile
 from typing import Any, ClassVar
 
 from directord.components.base import Component, ExecContext, Outcome
-from directord.components.files import apply_owner_mode, parse_mode
+from directord.components.files import apply_owner_mode, open_regular, owner_ids, parse_mode
 from directord.errors import ComponentArgsError, ComponentError
 
 BLUEPRINT_LIMIT = 16 * 1024 * 1024
@@ -38,21 +40,57 @@ def per_node_name(src: str, identity: str) -> str:
     return os.path.basename(src).replace("{identity}", identity)
 
 
-def _same_file(path: str, size: int, sha256: str) -> bool:
-    """True when ``path`` already holds exactly this content."""
-    return os.path.isfile(path) and os.path.getsize(path) == size and sha256_file(path) == sha256
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    while block := os.read(fd, 1024 * 1024):
+        digest.update(block)
+    return digest.hexdigest()
 
 
-def _write_if_changed(path: str, content: bytes) -> bool:
-    """Atomically write content unless the file already holds it; True if written."""
-    if os.path.isfile(path):
-        with open(path, "rb") as fh:
-            if fh.read() == content:
-                return False
-    tmp = f"{path}.directord-tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(content)
-    os.replace(tmp, path)
+def _same_file(
+    path: str, size: int, sha256: str, uid: int = -1, gid: int = -1, mode: int | None = None
+) -> bool:
+    """True when the regular file at ``path`` already holds exactly this content.
+
+    It is opened without following a symlink, and a match gets its owner and
+    mode through that same descriptor, so nothing can swap the file between
+    the check and the chown. A symlink is never the same file, even when what
+    it points to matches: the caller renames a new file over it.
+    """
+    fd = open_regular(path)
+    if fd is None:
+        return False
+    try:
+        if os.fstat(fd).st_size != size or _sha256_fd(fd) != sha256:
+            return False
+        apply_owner_mode(fd, uid, gid, mode)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write_if_changed(
+    path: str, content: bytes, uid: int = -1, gid: int = -1, mode: int | None = None
+) -> bool:
+    """Atomically write content unless the file already holds it; True if written.
+
+    The new content goes to an ``O_EXCL`` temporary file beside ``path`` (a
+    planted symlink cannot redirect it), gets its owner and mode on the
+    descriptor, then is renamed over ``path``, replacing a symlink there
+    rather than writing through it.
+    """
+    if _same_file(path, len(content), hashlib.sha256(content).hexdigest(), uid, gid, mode):
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=".directord-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            apply_owner_mode(fh.fileno(), uid, gid, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return True
 
 
@@ -123,6 +161,11 @@ class Copy(Component):
         if not files:
             return Outcome.fail(f"{self.verb}: the job carries no files")
         dest = ctx.render(options["dest"])
+        try:
+            uid, gid = owner_ids(options.get("chown"))
+        except ValueError as exc:
+            raise ComponentError(f"{self.verb}: {exc}") from None
+        mode = parse_mode(options["chmod"]) if options.get("chmod") else None
         into_dir = (
             dest.endswith("/") or len(indexes) > 1 or await asyncio.to_thread(os.path.isdir, dest)
         )
@@ -130,34 +173,45 @@ class Copy(Component):
         for index in indexes:
             info = files[index]
             target = os.path.join(dest, info["name"]) if into_dir else dest
-            await asyncio.to_thread(os.makedirs, os.path.dirname(target) or ".", exist_ok=True)
-            if options.get("blueprint"):
-                changed = await self._blueprint(ctx, index, target)
-            else:
-                changed = await self._transfer(ctx, index, info, target)
+            # Owner and mode travel with the content: they are set on the new file's
+            # descriptor before its rename, or on the unchanged file's own descriptor.
             try:
-                apply_owner_mode(target, options.get("chown"), options.get("chmod"))
-            except (OSError, KeyError, ValueError) as exc:
+                await asyncio.to_thread(os.makedirs, os.path.dirname(target) or ".", exist_ok=True)
+                if options.get("blueprint"):
+                    changed = await self._blueprint(ctx, index, target, uid, gid, mode)
+                else:
+                    changed = await self._transfer(ctx, index, info, target, uid, gid, mode)
+            except OSError as exc:
                 raise ComponentError(f"{self.verb} {target}: {exc}") from None
             lines.append(f"{'copied' if changed else 'unchanged'} {target}")
         return Outcome.ok("\n".join(lines))
 
     async def _transfer(
-        self, ctx: ExecContext, index: int, info: dict[str, Any], target: str
+        self,
+        ctx: ExecContext,
+        index: int,
+        info: dict[str, Any],
+        target: str,
+        uid: int,
+        gid: int,
+        mode: int | None,
     ) -> bool:
-        if await asyncio.to_thread(_same_file, target, int(info["size"]), info["sha256"]):
+        size, sha256 = int(info["size"]), info["sha256"]
+        if await asyncio.to_thread(_same_file, target, size, sha256, uid, gid, mode):
             return False
-        await ctx.fetch_file(index, target, info["sha256"], int(info["size"]))
+        await ctx.fetch_file(index, target, sha256, size, uid=uid, gid=gid, mode=mode)
         return True
 
-    async def _blueprint(self, ctx: ExecContext, index: int, target: str) -> bool:
+    async def _blueprint(
+        self, ctx: ExecContext, index: int, target: str, uid: int, gid: int, mode: int | None
+    ) -> bool:
         raw = await ctx.fetch_bytes(index, BLUEPRINT_LIMIT)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ComponentError(f"{self.verb}: --blueprint needs a UTF-8 text file") from None
         content = ctx.render(text).encode()
-        return await asyncio.to_thread(_write_if_changed, target, content)
+        return await asyncio.to_thread(_write_if_changed, target, content, uid, gid, mode)
 
 
 class Add(Copy):

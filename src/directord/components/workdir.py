@@ -1,15 +1,34 @@
-"""WORKDIR: create a directory (and its parents), optionally chown/chmod it."""
+"""WORKDIR: create a directory (and its parents), optionally chown/chmod it.
+
+Owner and mode are set on a descriptor of the directory opened with
+``O_NOFOLLOW``: a symlink planted where the directory should be fails the
+job instead of handing root's chown/chmod to whatever it points to.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 from typing import Any, ClassVar
 
 from directord.components.base import Component, ExecContext, Outcome
-from directord.components.files import apply_owner_mode, parse_mode
-from directord.errors import ComponentArgsError
+from directord.components.files import apply_owner_mode, open_directory, owner_ids, parse_mode
+from directord.errors import ComponentArgsError, ComponentError
+
+
+def make_directory(path: str, uid: int, gid: int, mode: int | None) -> None:
+    """Create ``path`` and its parents, then set its owner and mode through a descriptor."""
+    # The new leaf starts no wider than MODE; fchmod below sets it exactly. FileExistsError
+    # means something other than a directory is there: open_directory says what.
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(path, mode=0o777 if mode is None else mode & 0o777, exist_ok=True)
+    fd = open_directory(path)
+    try:
+        apply_owner_mode(fd, uid, gid, mode)
+    finally:
+        os.close(fd)
 
 
 class Workdir(Component):
@@ -32,8 +51,9 @@ class Workdir(Component):
     async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:
         path = ctx.render(options["argv"][0])
         try:
-            await asyncio.to_thread(os.makedirs, path, exist_ok=True)
-            apply_owner_mode(path, options.get("chown"), options.get("chmod"))
-        except (OSError, KeyError, ValueError) as exc:
+            uid, gid = owner_ids(options.get("chown"))
+            mode = parse_mode(options["chmod"]) if options.get("chmod") else None
+            await asyncio.to_thread(make_directory, path, uid, gid, mode)
+        except (OSError, ValueError, ComponentError) as exc:
             return Outcome.fail(f"WORKDIR {path}: {exc}")
         return Outcome.ok()
