@@ -10,9 +10,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-
 from directord.agent import executor
+from directord.agent.templates import render_template
 from directord.components.base import ProcessResult
 from directord.components.files import apply_owner_mode
 from directord.errors import ComponentError
@@ -22,31 +21,6 @@ if TYPE_CHECKING:
 
 CHUNK = 1024 * 1024
 WINDOW = 4  # chunk requests in flight per file transfer
-_JINJA = jinja2.Environment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
-)
-_TEMPLATES: dict[str, jinja2.Template] = {}
-
-
-def render_template(text: str, values: Mapping[str, Any]) -> str:
-    """Render Jinja2 text; plain text (no ``{{``/``{%``) is returned as is."""
-    if "{{" not in text and "{%" not in text:
-        return text
-    template = _TEMPLATES.get(text)
-    if template is None:
-        try:
-            template = _JINJA.from_string(text)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ComponentError(f"template error: {exc.message} (line {exc.lineno})") from None
-        if len(_TEMPLATES) > 512:
-            _TEMPLATES.clear()
-        _TEMPLATES[text] = template
-    try:
-        return template.render(values)
-    except jinja2.UndefinedError as exc:
-        raise ComponentError(f"template error: {exc.message}") from None
-    except jinja2.TemplateError as exc:
-        raise ComponentError(f"template error: {exc}") from None
 
 
 class JobContext:
@@ -66,8 +40,9 @@ class JobContext:
         self.query = cache["query"]
 
     def render(self, text: str) -> str:
+        """Render a job's text; what other nodes reported (``query``) is untrusted there."""
         return render_template(
-            text, {"identity": self.identity, **self.args, "query": self.query, **self.vars}
+            text, {"identity": self.identity, **self.args, **self.vars}, query=self.query
         )
 
     def update_cache(self, section: str, values: Mapping[str, Any]) -> None:
