@@ -19,7 +19,16 @@ Spec sheet
 * Identity: with ``--messaging-bind-identity`` on the server, each node must
   log in to RabbitMQ as a user named after its identity; RabbitMQ checks the
   ``user_id`` of every message against the login, so one node cannot speak
-  for another. Without it (shared broker login) identities are not proven.
+  for another. The server drops a message whose ``user_id`` is missing or is
+  not the node it names, and a message for a session of another node (see
+  broker.py). Without it (shared broker login) identities are not proven.
+  A user with RabbitMQ's ``impersonator`` tag may set any ``user_id``: never
+  give it to a node.
+* Memory: each consumer has at most ``PREFETCH`` (512) unacknowledged messages,
+  each at most RabbitMQ's ``max_message_size`` (set it to 16 MiB, the
+  protocol's ``MAX_FRAME``: RabbitMQ 3.x allows 128 MiB); a message is
+  acknowledged once it is in its session's queue, which holds at most
+  ``SESSION_QUEUE_BYTES`` (broker.py) before the session is dropped.
 * Reconnects: aio-pika's robust connection restores channels, queues and
   consumers after a broker restart; sessions then start over (see broker.py).
 """
@@ -46,6 +55,8 @@ except ImportError as exc:
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
+# Unacknowledged deliveries per consumer: bounds what the broker pushes ahead of us.
+PREFETCH = 512
 
 
 def _masked(url: str) -> str:
@@ -116,8 +127,12 @@ class AmqpTransport(BrokerTransport):
         # No publisher confirms on the session channel: delivery is acknowledged end
         # to end (acks, result acks), and a confirm per batch halves throughput.
         self._channel = await self._conn.channel(publisher_confirms=False)
-        await self._channel.set_qos(prefetch_count=512)
+        await self._channel.set_qos(prefetch_count=PREFETCH)
         log.info("messaging: connected to %s", _masked(url))
+
+    @property
+    def binds_identity(self) -> bool:
+        return self.settings.messaging_bind_identity
 
     def _on_close(self, *args: Any) -> None:
         if self._closing:
@@ -144,7 +159,10 @@ class AmqpTransport(BrokerTransport):
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():
-                proven = message.user_id if bind else None
+                # RabbitMQ refuses a user_id that is not the publisher's login; without
+                # binding, the shared login proves nothing about the node.
+                user = message.user_id if bind else None
+                proven = user if isinstance(user, str) else None
                 await self.on_server_message(dict(message.headers or {}), message.body, proven)
 
         await queue.consume(on_message)

@@ -25,7 +25,16 @@ Spec sheet
   reading another's jobs.
 * Large messages: a message over the server's ``max_payload`` (1 MiB unless
   configured) goes in parts (header ``p: i/n``) and is joined on arrival, so
-  COPY chunks and big results pass with the default server settings.
+  COPY chunks and big results pass with the default server settings. Joining
+  is bounded, since anyone who may publish to an inbox may send parts: one
+  message is at most ``MAX_FRAME`` (16 MiB) in at most ``PART_COUNT`` parts
+  (so ``max_payload`` must be at least 32 KiB), at most ``PARTS_MESSAGES``
+  messages (``PARTS_BYTES`` in all) are incomplete at once, and one whose next
+  part does not come within ``PART_IDLE_TIMEOUT`` seconds is dropped. A message
+  dropped drops its session (logged); the peer reconnects and re-sends.
+* Memory: nats-py holds at most ``PENDING_BYTES`` not yet read per subscription;
+  beyond, it drops messages and every session of this process starts over
+  (logged), as after a reconnect. Each session's queue is bounded in broker.py.
 * Reconnects: nats-py reconnects by itself (forever); sessions then start over.
 """
 
@@ -36,11 +45,13 @@ import contextlib
 import logging
 import re
 import ssl
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from directord.config import Settings
 from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
+from directord.protocol import MAX_FRAME
 from directord.security.tls import read_pem
 from directord.transports.base import ConnectionHandler, ParkedHandler, is_loopback
 from directord.transports.broker import BrokerTransport, Headers
@@ -60,11 +71,32 @@ CONNECT_TIMEOUT = 5.0
 HEADER_ROOM = 4096
 JS_TIMEOUT = 5.0
 PARKED_BATCH = 64
+#: Most parts one message may come in (a part carries max_payload - HEADER_ROOM bytes).
+PART_COUNT = 1024
+#: Most messages in parts kept incomplete at once, and the most bytes they may hold.
+PARTS_MESSAGES = 64
+PARTS_BYTES = 4 * MAX_FRAME
+#: Seconds an incomplete message waits for its next part before it is dropped.
+PART_IDLE_TIMEOUT = 10.0
+#: Bytes nats-py may hold for one subscription before it drops messages (slow consumer).
+PENDING_BYTES = 4 * MAX_FRAME
+PART_HEADER = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,8})", re.ASCII)
+PartsKey = tuple[str, str]  # (node header, session header) of a message in parts
 
 
 def consumer_name(identity: str) -> str:
     """A node's JetStream consumer: its identity with ``_`` and ``.`` escaped (injective)."""
     return "node-" + identity.replace("_", "_5f").replace(".", "_2e")
+
+
+@dataclass(slots=True)
+class _Partial:
+    """The parts of one message received so far."""
+
+    count: int
+    timer: asyncio.TimerHandle
+    chunks: list[bytes]
+    size: int = 0
 
 
 def _masked(url: str) -> str:
@@ -85,8 +117,9 @@ class NatsTransport(BrokerTransport):
         self._nc: Any = None
         self._closing = False
         self._last_error: Exception | None = None
-        # Parts of a multi-part message, per session, until its last part arrives.
-        self._parts: dict[str, list[bytes]] = {}
+        # Parts of a multi-part message, per sender and session, until its last one arrives.
+        self._parts: dict[PartsKey, _Partial] = {}
+        self._parts_bytes = 0
         # Keeps the parts of one message together (and in order) on the wire.
         self._publish_lock = asyncio.Lock()
         self._js: Any = None  # set on the server once the parked stream exists
@@ -181,13 +214,16 @@ class NatsTransport(BrokerTransport):
     async def _disconnected(self) -> None:
         if self._nc is not None and not self._closing:
             log.warning("nats: connection lost; reconnecting")
-            self._parts.clear()
+            self._forget_all_parts()
             self.broker_lost()
 
     async def _reconnected(self) -> None:
         log.info("nats: reconnected")
 
     async def _error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self._overrun(exc)
+            return
         if self._nc is None:
             # Reported once, by open_broker's ConnectError; the server's own refusal
             # (authorization) says more than the socket error that follows it.
@@ -197,27 +233,96 @@ class NatsTransport(BrokerTransport):
         else:
             log.warning("nats: %s", exc)
 
+    def _overrun(self, exc: nats.errors.SlowConsumerError) -> None:
+        """nats-py dropped a message of an inbox: some session has a hole, so all start over."""
+        inboxes = (self.server_inbox, self.node_inbox(self.settings.resolved_identity()))
+        if exc.subject not in inboxes:
+            log.warning("nats: %s", exc)
+            return
+        self.dropped(
+            exc.subject,
+            "messages on %s: more than %d bytes waited to be read; every session starts over",
+            exc.subject,
+            PENDING_BYTES,
+        )
+        self._forget_all_parts()
+        self.broker_lost(f"messages on {exc.subject} were dropped (slow consumer)")
+
     def _joined(self, headers: dict[str, str], data: bytes) -> bytes | None:
-        """The whole body once a message is complete (parts are joined), else None."""
+        """The whole body once a message is complete (parts are joined), else None.
+
+        Every bound (see the module docstring) drops the message and, through
+        :meth:`BrokerTransport.lose_message`, the session it belongs to.
+        """
         part = headers.pop("p", None)
         if part is None:
             return data
-        key = headers.get("s", "")
-        index, _, count = part.partition("/")
-        if index == "1":
-            self._parts[key] = [data]
-        else:
-            chunks = self._parts.get(key)
-            if chunks is None or str(len(chunks) + 1) != index:
-                # A part whose predecessors were lost (broker restart): the session
-                # is over anyway, and its owner re-sends what it still owes.
-                self._parts.pop(key, None)
-                log.debug("nats: dropped part %s of a message for session %s", part, key)
+        key = (headers.get("n", ""), headers.get("s", ""))
+        match = PART_HEADER.fullmatch(part)
+        index, count = (int(match[1]), int(match[2])) if match else (0, 0)
+        if not 1 <= index <= count or not 2 <= count <= PART_COUNT:
+            self._drop_parts(key, headers, "a malformed part number")
+            return None
+        partial = self._parts.get(key)
+        if index == 1:
+            if partial is not None:
+                self._drop_parts(key, headers, "a new message began before the last one ended")
+            if len(self._parts) >= PARTS_MESSAGES:
+                reason = f"{PARTS_MESSAGES} other messages in parts are incomplete"
+                self._drop_parts(key, headers, reason)
                 return None
-            chunks.append(data)
-        if index == count:
-            return b"".join(self._parts.pop(key))
-        return None
+            partial = _Partial(count, self._idle_timer(key, headers), [])
+            self._parts[key] = partial
+        elif partial is None:
+            # Its first parts were dropped (a limit, a broker restart): so was its session.
+            log.debug("nats: dropped part %s of a message for session %.80r", part, key[1])
+            return None
+        elif index != len(partial.chunks) + 1 or count != partial.count:
+            self._drop_parts(key, headers, "a part out of order")
+            return None
+        if partial.size + len(data) > MAX_FRAME:
+            self._drop_parts(key, headers, f"a message over the {MAX_FRAME} byte limit")
+            return None
+        if self._parts_bytes + len(data) > PARTS_BYTES:
+            reason = f"incomplete messages would hold over {PARTS_BYTES} bytes"
+            self._drop_parts(key, headers, reason)
+            return None
+        partial.chunks.append(data)
+        partial.size += len(data)
+        self._parts_bytes += len(data)
+        partial.timer.cancel()
+        if index < count:
+            partial.timer = self._idle_timer(key, headers)
+            return None
+        self._forget_parts(key)
+        return b"".join(partial.chunks)
+
+    def _idle_timer(self, key: PartsKey, headers: dict[str, str]) -> asyncio.TimerHandle:
+        loop = asyncio.get_running_loop()
+        reason = f"no part for {PART_IDLE_TIMEOUT:.0f}s"
+        return loop.call_later(PART_IDLE_TIMEOUT, self._drop_parts, key, dict(headers), reason)
+
+    def _drop_parts(self, key: PartsKey, headers: dict[str, str], reason: str) -> None:
+        """Drop an incomplete message (and so its session): ``reason`` (fixed text) says why."""
+        self._forget_parts(key)
+        self.dropped(
+            (key[0], reason),
+            "a message in parts from node %.80r, session %.80r: %s",
+            key[0],
+            key[1],
+            reason,
+        )
+        self.lose_message(headers, f"a message in parts was dropped: {reason}")
+
+    def _forget_parts(self, key: PartsKey) -> None:
+        partial = self._parts.pop(key, None)
+        if partial is not None:
+            partial.timer.cancel()
+            self._parts_bytes -= partial.size
+
+    def _forget_all_parts(self) -> None:
+        for key in list(self._parts):
+            self._forget_parts(key)
 
     async def listen_server(self) -> None:
         async def on_message(msg: Any) -> None:
@@ -226,7 +331,12 @@ class NatsTransport(BrokerTransport):
             if body is not None:
                 await self.on_server_message(headers, body, None)
 
-        await self._nc.subscribe(self.server_inbox, cb=on_message, pending_msgs_limit=-1)
+        await self._nc.subscribe(
+            self.server_inbox,
+            cb=on_message,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=PENDING_BYTES,
+        )
         await self._open_parked_stream()
 
     async def _open_parked_stream(self) -> None:
@@ -298,18 +408,29 @@ class NatsTransport(BrokerTransport):
             if body is not None:
                 self.on_node_message(headers, body)
 
-        await self._nc.subscribe(self.node_inbox(identity), cb=on_message, pending_msgs_limit=-1)
+        await self._nc.subscribe(
+            self.node_inbox(identity),
+            cb=on_message,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=PENDING_BYTES,
+        )
 
     async def _publish(self, subject: str, headers: dict[str, str], body: bytes) -> None:
         if self._nc is None or not self._nc.is_connected:
             raise ConnectionLost(f"nats: not connected (publishing to {subject})")
         size = max(1, self._nc.max_payload - HEADER_ROOM)
+        count = -(-len(body) // size)
+        if count > PART_COUNT:
+            # The receiver would drop it: say why here instead.
+            raise ConnectionLost(
+                f"nats: a message of {len(body)} bytes needs {count} parts, over "
+                f"{PART_COUNT}: raise the NATS server's max_payload"
+            )
         try:
             async with self._publish_lock:
-                if len(body) <= size:
+                if count <= 1:
                     await self._nc.publish(subject, body, headers=headers)
                     return
-                count = -(-len(body) // size)
                 for i in range(count):
                     await self._nc.publish(
                         subject,
@@ -330,6 +451,7 @@ class NatsTransport(BrokerTransport):
     async def close_broker(self) -> None:
         nc, self._nc = self._nc, None
         self._closing = True
+        self._forget_all_parts()
         if nc is not None:
             try:
                 await nc.drain()
