@@ -186,6 +186,17 @@ class Settings:
         "", "certificate for the API over TCP (server's, or the user's)", "server", "user"
     )
     key: str = _opt("", "private key for the API over TCP", "server", "user")
+    api_idle_timeout: float = _opt(
+        300.0,
+        "seconds an API connection may send nothing before the server closes it "
+        "(0: never); a watch in progress is not idle",
+        "server",
+    )
+    api_max_connections: int = _opt(
+        100,
+        "API connections open at once, Unix socket and TCP together; more are refused",
+        "server",
+    )
     insecure: bool = _opt(
         False,
         "let the server listen without TLS or authentication on a non-loopback address",

@@ -108,21 +108,14 @@ def pkis(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pki, Pki]:
     good.run("init")
     good.run("issue", "server", "--server", "--san", "127.0.0.1", "--san", "localhost")
     good.run("issue", "elsewhere", "--server", "--san", "10.9.9.9")
-    for name in (
-        "node0",
-        "node1",
-        "spare",
-        "mole",
-        "revoked1",
-        "stranger",
-        "operator",
-        "operator-revoked",
-    ):
+    for name in ("node0", "node1", "spare", "mole", "revoked1", "stranger"):
         good.run("issue", name, "--client")
+    for name in ("operator", "operator-revoked"):
+        good.run("issue", name, "--operator")
     issue_expired(good, "expired")
     other.run("init", "--ca-name", "impostor CA")
     other.run("issue", "stranger-ca", "--client")
-    other.run("issue", "operator-other", "--client")
+    other.run("issue", "operator-other", "--operator")
     return good, other
 
 

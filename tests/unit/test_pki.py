@@ -5,6 +5,7 @@ Everything here works on files in a temporary directory: no network, no processe
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import json
@@ -22,16 +23,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from directord.cli.main import main
 from directord.errors import CertificateError, ConfigError
 from directord.security.pki import (
+    OPERATOR_USAGE,
     PKI,
     common_name,
     load_certificate,
     load_crl_serials,
     load_private_key,
+    read_request,
+    usage_of,
 )
 from directord.security.tls import (
     Revocations,
+    RevocationWatch,
     check_key_pair,
     client_tls_context,
+    node_refusal,
+    operator_refusal,
     read_pem,
     server_tls_context,
 )
@@ -127,6 +134,7 @@ def test_issued_certificate_chains_to_the_ca_with_cn_and_sans(pki: PKI) -> None:
     [
         ("server", {ExtendedKeyUsageOID.SERVER_AUTH}),
         ("client", {ExtendedKeyUsageOID.CLIENT_AUTH}),
+        ("operator", {ExtendedKeyUsageOID.CLIENT_AUTH, OPERATOR_USAGE}),
         ("both", {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}),
     ],
 )
@@ -136,6 +144,52 @@ def test_extended_key_usage_follows_the_usage(
     cert_path, _ = pki.issue(f"n-{usage}", usage=usage)
     assert ekus_of(load_certificate(cert_path)) == expected
     assert {r.name: r.usage for r in pki.list()}[f"n-{usage}"] == usage
+
+
+def test_issue_without_a_usage_makes_a_node_certificate(pki: PKI) -> None:
+    cert = load_certificate(pki.issue("node0")[0])
+    assert ekus_of(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert usage_of(cert) == "client"
+    with pytest.raises(ConfigError, match="unknown usage 'admin'"):
+        pki.issue("node1", usage="admin")
+    assert not pki.cert_path("node1").exists()
+
+
+def test_the_operator_mark_is_our_own_oid_beside_client_auth(pki: PKI) -> None:
+    # Under the UUID arc (2.25.<128-bit integer>): nobody else's EKU can mean it.
+    arc, number = OPERATOR_USAGE.dotted_string.rsplit(".", 1)
+    assert arc == "2.25" and 2**64 < int(number) < 2**128
+    # clientAuth stays, so TLS libraries accept the certificate as a client's;
+    # only directord's check tells an operator from a node.
+    operator = load_certificate(pki.issue("alice", usage="operator")[0])
+    node = load_certificate(pki.issue("node0")[0])
+    server = load_certificate(pki.issue("server1", usage="server")[0])
+    both = load_certificate(pki.issue("legacy", usage="both")[0])
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in ekus_of(operator)
+    assert ExtendedKeyUsageOID.SERVER_AUTH not in ekus_of(operator)
+    assert [usage_of(c) for c in (operator, node, server, both)] == [
+        "operator",
+        "client",
+        "server",
+        "both",
+    ]
+
+
+def test_who_may_be_a_node_and_who_an_operator(pki: PKI) -> None:
+    certs = {
+        usage: load_certificate(pki.issue(f"n-{usage}", usage=usage)[0])
+        for usage in ("client", "operator", "server", "both")
+    }
+    operator = certs["operator"]
+    named = f"certificate 'n-operator' (serial {operator.serial_number:x})"
+    assert node_refusal(operator) == f"{named} is an operator's, not a node's"
+    assert "is for servers only" in node_refusal(certs["server"])
+    assert node_refusal(certs["client"]) == node_refusal(certs["both"]) == ""
+    assert operator_refusal(operator) == ""
+    for usage in ("client", "server", "both"):
+        reason = operator_refusal(certs[usage])
+        assert f"certificate 'n-{usage}' (serial {certs[usage].serial_number:x})" in reason
+        assert "is not an operator's" in reason and "--operator" in reason
 
 
 def test_keys_are_written_owner_only(pki: PKI) -> None:
@@ -174,7 +228,8 @@ def test_csr_and_sign_keep_the_key_on_the_node_and_the_names(tmp_path: Path) -> 
     assert mode(node_key) == 0o600
     assert b"PRIVATE KEY" not in csr_path.read_bytes()
 
-    cert_path = ca.sign(csr_path, usage="client")
+    assert read_request(csr_path).sans == ("node7", "node7.example.com", "10.0.0.7")
+    cert_path = ca.sign(csr_path, usage="client", keep_sans=True)
     assert cert_path == ca.cert_path("node7")
     assert not ca.key_path("node7").exists()  # the CA never saw the key
     assert [p.name for p in ca.dir.rglob("*.key")] == ["ca.key"]
@@ -185,6 +240,24 @@ def test_csr_and_sign_keep_the_key_on_the_node_and_the_names(tmp_path: Path) -> 
     assert ekus_of(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
     key = load_private_key(node_key)
     assert public_der(key.public_key()) == public_der(cert.public_key())  # type: ignore[arg-type]
+
+
+def test_sign_is_a_client_certificate_for_the_cn_alone_by_default(tmp_path: Path) -> None:
+    ca = PKI(tmp_path / "ca")
+    ca.init()
+    node = PKI(tmp_path / "node")
+    # A node asks for a server's names; by default it gets only its own.
+    csr_path = node.csr("node7", ["directord.example.net", "192.0.2.10"])
+    cert = load_certificate(ca.sign(csr_path))
+    assert ekus_of(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert sans_of(cert) == ({"node7"}, set())
+    cert = load_certificate(ca.sign(node.csr("node7", ["10.0.0.7"]), usage="operator"))
+    assert usage_of(cert) == "operator" and sans_of(cert) == ({"node7"}, set())
+    cert = load_certificate(
+        ca.sign(node.csr("web", ["web.example.net"]), usage="server", keep_sans=True)
+    )
+    assert usage_of(cert) == "server"
+    assert sans_of(cert) == ({"web", "web.example.net"}, set())
 
 
 def test_sign_again_archives_the_previous_certificate(tmp_path: Path) -> None:
@@ -255,6 +328,12 @@ def test_rotate_archives_with_a_timestamp_and_never_overwrites(pki: PKI) -> None
     cert.verify_directly_issued_by(load_certificate(pki.ca_cert_path))
 
 
+def test_rotate_keeps_an_operator_an_operator(pki: PKI) -> None:
+    pki.issue("alice", usage="operator")
+    assert usage_of(load_certificate(pki.rotate("alice")[0])) == "operator"
+    assert usage_of(load_certificate(pki.rotate("alice", usage="client")[0])) == "client"
+
+
 def test_rotate_an_unknown_name_names_the_file(pki: PKI) -> None:
     with pytest.raises(CertificateError) as info:
         pki.rotate("ghost")
@@ -308,6 +387,54 @@ def test_revocations_follow_the_crl_file(pki: PKI) -> None:
     assert revocations.serials() == set()
     serial = pki.revoke("node0")
     assert revocations.serials() == {serial}  # re-read because the file changed
+
+
+def test_a_damaged_crl_keeps_failing_until_the_file_changes(pki: PKI) -> None:
+    pki.issue("node0")
+    revocations = Revocations(str(pki.ca_cert_path))
+    assert revocations.serials() == set()
+    good = pki.crl_path.read_bytes()
+    version = revocations.version
+    pki.crl_path.write_bytes(good[:40])
+    for _ in range(2):  # not re-read while unchanged, and refusing everyone
+        with pytest.raises(CertificateError, match="not a PEM CRL"):
+            revocations.serials()
+    assert revocations.version == version + 1
+    serial = pki.revoke("node0")
+    assert revocations.serials() == {serial} and revocations.version == version + 2
+
+
+def test_the_watch_hands_over_the_serials_once_per_change(pki: PKI) -> None:
+    pki.issue("node0")
+    pki.issue("node1")
+    revocations = Revocations(str(pki.ca_cert_path))
+    revocations.serials()
+    seen: list[set[int]] = []
+
+    async def scenario() -> None:
+        watch = RevocationWatch(revocations, seen.append, "test", interval=0.0)
+        watch.start()
+        try:
+            for _ in range(20):  # unchanged: nothing to hand over
+                await asyncio.sleep(0)
+            assert seen == []
+            first = pki.revoke("node0")
+            # A connection's own check may re-read the file first; the watch still acts.
+            assert revocations.serials() == {first}
+            async with asyncio.timeout(10):
+                while not seen:
+                    await asyncio.sleep(0)
+            pki.crl_path.write_text("damaged\n")  # logged, cuts no one
+            second = pki.revoke("node1")
+            async with asyncio.timeout(10):
+                while len(seen) < 2:
+                    await asyncio.sleep(0)
+            assert seen == [{first}, {first, second}]
+        finally:
+            await watch.close()
+            await watch.close()
+
+    asyncio.run(scenario())
 
 
 def test_revocations_without_a_crl(tmp_path: Path, pki: PKI) -> None:
@@ -458,10 +585,16 @@ def test_cli_issue_list_rotate_revoke(cli) -> None:
     assert f"certificate: {cli.pki_dir / 'certs' / 'server1.crt'}" in out
     assert f"key:         {cli.pki_dir / 'private' / 'server1.key'}" in out
     assert cli("issue", "node0", "--client")[0] == 0
+    assert cli("issue", "node1")[0] == 0
+    assert cli("issue", "alice", "--operator")[0] == 0
     code, out, _ = cli("list", "--format", "json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["server1"]["sans"] == ["server1", "localhost", "127.0.0.1"]
     assert rows["server1"]["usage"] == "server" and rows["node0"]["usage"] == "client"
+    assert rows["node1"]["usage"] == "client" and rows["alice"]["usage"] == "operator"
+    with pytest.raises(SystemExit) as exit_info:
+        cli("issue", "bob", "--operator", "--server")
+    assert exit_info.value.code == 2
     assert not rows["node0"]["revoked"]
 
     code, out, _ = cli("rotate", "node0")
@@ -494,10 +627,28 @@ def test_cli_csr_and_sign(cli, tmp_path: Path, capsys: pytest.CaptureFixture[str
     )
     out = capsys.readouterr().out
     assert code == 0 and f"request: {node_dir / 'csr' / 'node9.csr'}" in out
-    code, out, _ = cli("sign", str(node_dir / "csr" / "node9.csr"), "--client")
-    assert code == 0 and out.strip() == f"certificate: {cli.pki_dir / 'certs' / 'node9.crt'}"
+    csr = node_dir / "csr" / "node9.csr"
+    # Without flags: a node's certificate for the CN alone; the output says what the
+    # request asked for and what was left out.
+    code, out, _ = cli("sign", str(csr))
+    assert code == 0
+    assert out.splitlines() == [
+        f"request:     node9 ({csr})",
+        "asks for:    node9, 10.1.2.3",
+        "names:       node9  (left out: 10.1.2.3; --keep-sans signs them)",
+        "usage:       client",
+        f"certificate: {cli.pki_dir / 'certs' / 'node9.crt'}",
+    ]
+    cert = load_certificate(cli.pki_dir / "certs" / "node9.crt")
+    assert sans_of(cert) == ({"node9"}, set())
+    assert ekus_of(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    code, out, _ = cli("sign", str(csr), "--keep-sans")
+    assert code == 0 and "names:       node9, 10.1.2.3\n" in out
     cert = load_certificate(cli.pki_dir / "certs" / "node9.crt")
     assert sans_of(cert) == ({"node9"}, {"10.1.2.3"})
+    code, out, _ = cli("sign", str(csr), "--operator")
+    assert code == 0 and "usage:       operator\n" in out
+    assert usage_of(load_certificate(cli.pki_dir / "certs" / "node9.crt")) == "operator"
 
 
 def test_cli_bad_input_is_one_line_naming_the_file(cli, tmp_path: Path) -> None:

@@ -11,8 +11,20 @@ Layout of the PKI directory (``--pki-dir``, default ``/etc/directord/pki``)::
     old/NAME.<stamp>.crt|key   what ``rotate`` replaced; never overwritten
 
 Keys are EC P-256. Certificates carry the name as subject CN and as a DNS (or
-IP) subject alternative name; ``--server`` / ``--client`` restrict the
-extended key usage, the default allows both.
+IP) subject alternative name. The extended key usage (EKU) says what a
+certificate is for, and so what kind of identity it is:
+
+* ``client`` (the default): clientAuth only. A node's certificate; the node
+  listener accepts it, the user API over TCP does not.
+* ``operator``: clientAuth and :data:`OPERATOR_USAGE`, directord's own EKU. An
+  operator's certificate for the user API over TCP; the node listener refuses it.
+* ``server``: serverAuth only, for a server or a broker.
+* ``both``: serverAuth and clientAuth. Nothing in directord needs it; it is kept
+  for certificates issued that way before, which ``rotate`` reproduces.
+
+Nodes carry no mark of their own: "no operator mark" is the node kind, so node
+certificates issued before operators existed keep working, and a certificate
+nobody marked is never more than a node.
 """
 
 from __future__ import annotations
@@ -36,6 +48,18 @@ DEFAULT_PKI_DIR = "/etc/directord/pki"
 CA_DAYS = 3650
 CERT_DAYS = 365
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@:")
+#: The extended key usage that makes a certificate an operator's. An OID of our own
+#: under the UUID arc 2.25 (ITU-T X.667, uuid 6ea5a5b4-777a-4c30-aef0-e28d7672dd3d):
+#: no other issuer means anything by it, and TLS libraries ignore it beside clientAuth.
+OPERATOR_USAGE = x509.ObjectIdentifier("2.25.147075169413629412587962312682405813565")
+_EKUS: dict[str, list[x509.ObjectIdentifier]] = {
+    "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+    "operator": [ExtendedKeyUsageOID.CLIENT_AUTH, OPERATOR_USAGE],
+    "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+    "both": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+}
+#: What ``usage`` may be when issuing or signing.
+USAGES = tuple(_EKUS)
 
 
 def _now() -> dt.datetime:
@@ -70,6 +94,12 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def _names(ext: x509.SubjectAlternativeName) -> list[str]:
+    """The DNS and IP names of a SAN extension, as text (the only kinds we issue)."""
+    out = [str(v) for v in ext.get_values_for_type(x509.DNSName)]
+    return out + [str(v) for v in ext.get_values_for_type(x509.IPAddress)]
 
 
 def _sans(names: list[str]) -> list[x509.GeneralName]:
@@ -109,6 +139,74 @@ def common_name(cert: x509.Certificate) -> str:
     """The subject CN of a certificate ('' if none)."""
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else ""
+
+
+def usage_of(cert: x509.Certificate) -> str:
+    """What a certificate is for: ``operator``, ``client``, ``server`` or ``both``.
+
+    ``operator`` whenever :data:`OPERATOR_USAGE` is present; a certificate without
+    an EKU extension may serve any purpose in TLS, so it reads as ``both``.
+    """
+    try:
+        ekus = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return "both"
+    if OPERATOR_USAGE in ekus:
+        return "operator"
+    server = ExtendedKeyUsageOID.SERVER_AUTH in ekus
+    client = ExtendedKeyUsageOID.CLIENT_AUTH in ekus
+    return "both" if server and client else "server" if server else "client"
+
+
+def describe(cert: x509.Certificate) -> str:
+    """``certificate 'NAME' (serial HEX)``, how logs and refusals name a certificate."""
+    return f"certificate {common_name(cert)!r} (serial {cert.serial_number:x})"
+
+
+@dataclass(frozen=True, slots=True)
+class SigningRequest:
+    """A certificate signing request, read and its signature checked."""
+
+    path: Path
+    name: str
+    #: the DNS and IP subject alternative names it asks for, in its order
+    sans: tuple[str, ...]
+    #: other kinds of names it asks for (URI, e-mail ...), which are never signed
+    other_names: tuple[str, ...]
+    public_key: Any
+
+
+def read_request(csr_file: str | Path) -> SigningRequest:
+    """Read a CSR made with ``pki csr`` (or any EC/RSA CSR with a CN).
+
+    Raises:
+        CertificateError: unreadable, not PEM, or a signature that does not verify.
+        ConfigError: its CN is not a valid certificate name.
+    """
+    try:
+        request = x509.load_pem_x509_csr(Path(csr_file).read_bytes())
+    except OSError as exc:
+        raise CertificateError(f"{csr_file}: cannot read: {exc.strerror}") from None
+    except ValueError:
+        raise CertificateError(f"{csr_file}: not a PEM certificate request") from None
+    if not request.is_signature_valid:
+        raise CertificateError(f"{csr_file}: the request's signature is invalid")
+    attrs = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(attrs[0].value) if attrs else ""
+    _check_name(name)
+    try:
+        ext = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans: list[str] = []
+        others: list[str] = []
+    else:
+        sans = _names(ext)
+        others = [
+            f"{type(v).__name__}:{v.value}"
+            for v in ext
+            if not isinstance(v, x509.DNSName | x509.IPAddress)
+        ]
+    return SigningRequest(Path(csr_file), name, tuple(sans), tuple(others), request.public_key())
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,13 +301,10 @@ class PKI:
     def _build(
         self, name: str, public_key: Any, sans: list[str], usage: str, days: int
     ) -> x509.Certificate:
+        if usage not in _EKUS:
+            raise ConfigError(f"unknown usage {usage!r} ({', '.join(USAGES)})", key="usage")
         ca_key, ca_cert = self._ca()
         now = _now()
-        ekus = {
-            "server": [ExtendedKeyUsageOID.SERVER_AUTH],
-            "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
-            "both": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-        }[usage]
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -220,7 +315,7 @@ class PKI:
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(_sans([name, *sans])), critical=False)
-            .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(_EKUS[usage]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,
@@ -229,9 +324,16 @@ class PKI:
         return builder.sign(ca_key, hashes.SHA256())
 
     def issue(
-        self, name: str, sans: list[str] | None = None, usage: str = "both", days: int = CERT_DAYS
+        self,
+        name: str,
+        sans: list[str] | None = None,
+        usage: str = "client",
+        days: int = CERT_DAYS,
     ) -> tuple[Path, Path]:
-        """Key and certificate for NAME, signed by the CA. Returns (cert, key) paths."""
+        """Key and certificate for NAME, signed by the CA. Returns (cert, key) paths.
+
+        ``usage`` is one of :data:`USAGES`; the default makes a node's certificate.
+        """
         _check_name(name)
         if self.cert_path(name).exists():
             raise ConfigError(f"{self.cert_path(name)} exists; use `pki rotate {name}`", key="name")
@@ -260,26 +362,29 @@ class PKI:
         _write_public(path, request.public_bytes(serialization.Encoding.PEM))
         return path
 
-    def sign(self, csr_file: str | Path, usage: str = "both", days: int = CERT_DAYS) -> Path:
-        """On the CA: sign a request; the name comes from its CN, SANs are kept."""
-        try:
-            request = x509.load_pem_x509_csr(Path(csr_file).read_bytes())
-        except OSError as exc:
-            raise CertificateError(f"{csr_file}: cannot read: {exc.strerror}") from None
-        except ValueError:
-            raise CertificateError(f"{csr_file}: not a PEM certificate request") from None
-        if not request.is_signature_valid:
-            raise CertificateError(f"{csr_file}: the request's signature is invalid")
-        attrs = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        name = str(attrs[0].value) if attrs else ""
-        _check_name(name)
-        try:
-            san_ext = request.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = [str(v) for v in san_ext.value.get_values_for_type(x509.DNSName)]
-            sans += [str(v) for v in san_ext.value.get_values_for_type(x509.IPAddress)]
-        except x509.ExtensionNotFound:
-            sans = []
-        cert = self._build(name, request.public_key(), sans, usage, days)
+    def sign(
+        self,
+        csr_file: str | Path,
+        usage: str = "client",
+        days: int = CERT_DAYS,
+        *,
+        keep_sans: bool = False,
+    ) -> Path:
+        """On the CA: sign a request; the name comes from its CN.
+
+        The subject alternative names the request asks for are signed only with
+        ``keep_sans``: a request is written by whoever holds the key, and a name
+        signed blindly could let a node pass for a server. Without it the
+        certificate names the CN alone.
+
+        Raises:
+            CertificateError: see :func:`read_request`.
+            ConfigError: a bad CN or usage.
+        """
+        request = read_request(csr_file)
+        sans = list(request.sans) if keep_sans else []
+        cert = self._build(request.name, request.public_key, sans, usage, days)
+        name = request.name
         if self.cert_path(name).exists():
             # Only the certificate: a key beside it is the requester's (`csr` in this
             # directory), and it is the one the new certificate is for.
@@ -309,13 +414,13 @@ class PKI:
         old = load_certificate(self.cert_path(name))
         if sans is None:
             try:
-                ext = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                sans = [str(v) for v in ext.get_values_for_type(x509.DNSName)]
-                sans += [str(v) for v in ext.get_values_for_type(x509.IPAddress)]
+                sans = _names(
+                    old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                )
             except x509.ExtensionNotFound:
                 sans = []
         self._archive(name)
-        return self.issue(name, sans, usage or _usage(old), days)
+        return self.issue(name, sans, usage or usage_of(old), days)
 
     # ---- listing and revocation ----------------------------------------------------------
     def _revoked(self) -> dict[str, dict[str, Any]]:
@@ -335,9 +440,10 @@ class PKI:
         for path in sorted((self.dir / "certs").glob("*.crt")):
             cert = load_certificate(path)
             try:
-                ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                sans = tuple(str(v) for v in ext.get_values_for_type(x509.DNSName)) + tuple(
-                    str(v) for v in ext.get_values_for_type(x509.IPAddress)
+                sans = tuple(
+                    _names(
+                        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                    )
                 )
             except x509.ExtensionNotFound:
                 sans = ()
@@ -347,7 +453,7 @@ class PKI:
                     cert.serial_number,
                     cert.not_valid_after_utc,
                     sans,
-                    _usage(cert),
+                    usage_of(cert),
                     f"{cert.serial_number:x}" in revoked,
                 )
             )
@@ -385,16 +491,6 @@ class PKI:
             )
         crl = builder.sign(key, hashes.SHA256())
         _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
-
-
-def _usage(cert: x509.Certificate) -> str:
-    try:
-        ekus = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        return "both"
-    server = ExtendedKeyUsageOID.SERVER_AUTH in ekus
-    client = ExtendedKeyUsageOID.CLIENT_AUTH in ekus
-    return "both" if server and client else "server" if server else "client"
 
 
 def load_crl_serials(path: str | Path, ca_cert: x509.Certificate) -> set[int]:

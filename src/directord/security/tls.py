@@ -1,18 +1,37 @@
-"""TLS material for the drivers: reading PEM files, revocation, peer certificates."""
+"""TLS material for the listeners: PEM files, who may connect, and revocation.
+
+Two kinds of client identity reach a directord server (see ``security/pki.py``):
+nodes on the node listener, and operators on the user API over TCP. The checks
+here say why a certificate may not be the kind a listener wants, and
+:class:`RevocationWatch` cuts off live connections whose certificate the CRL
+revokes after they were accepted.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 
 from directord.errors import CertificateError
-from directord.security.pki import common_name, load_certificate, load_crl_serials
+from directord.security.pki import (
+    common_name,
+    describe,
+    load_certificate,
+    load_crl_serials,
+    usage_of,
+)
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two looks at the CRL for connections to cut off (one stat each).
+REVOCATION_CHECK = 1.0
 
 
 def read_pem(path: str, what: str) -> bytes:
@@ -45,28 +64,125 @@ class Revocations:
     """A CRL signed by the CA, re-read whenever the file changes.
 
     ``path`` empty means: ``crl.pem`` beside the CA certificate, when present.
+    ``version`` grows at every change of the file, so a watcher can tell that the
+    list changed even when a connection's check was the one that re-read it.
     """
 
     def __init__(self, ca_path: str, path: str = "") -> None:
         self.ca_path = ca_path
         self.path = path or str(Path(ca_path).with_name("crl.pem"))
         self.explicit = bool(path)
-        self._stamp: tuple[int, int] | None = None
+        self.version = 0
+        self._stamp: tuple[int, int] | None = (-1, -1)  # None: no file; (-1, -1): not read yet
         self._serials: set[int] = set()
+        self._error = ""
 
     def serials(self) -> set[int]:
-        """Revoked serials now. Raises CertificateError for a bad or forged CRL."""
+        """Revoked serials now. Raises CertificateError for a bad, forged or missing CRL.
+
+        A CRL that fails to load keeps failing (refusing everyone) until the file
+        changes again; it is not re-read at every call.
+        """
         try:
             st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            if self.explicit:
-                raise CertificateError(f"{self.path}: CRL does not exist") from None
-            return set()
-        stamp = (st.st_mtime_ns, st.st_size)
+            stamp = None
         if stamp != self._stamp:
-            self._serials = load_crl_serials(self.path, load_certificate(self.ca_path))
             self._stamp = stamp
+            self.version += 1
+            self._error = ""
+            self._serials = set()
+            if stamp is not None:
+                try:
+                    self._serials = load_crl_serials(self.path, load_certificate(self.ca_path))
+                except CertificateError as exc:
+                    self._error = str(exc)
+            elif self.explicit:
+                self._error = f"{self.path}: CRL does not exist"
+        if self._error:
+            raise CertificateError(self._error)
         return self._serials
+
+
+class RevocationWatch:
+    """Cuts off live connections whose certificate was revoked after they connected.
+
+    Every ``interval`` seconds it asks ``revocations`` for the serials (one stat
+    while the file is unchanged); after a change it calls ``cut`` with the revoked
+    serials, and the owner closes its connections holding one of them. A CRL that
+    no longer loads is logged once per change and cuts no one: new connections are
+    refused meanwhile, and the next good file is acted on.
+    """
+
+    def __init__(
+        self,
+        revocations: Revocations,
+        cut: Callable[[set[int]], None],
+        what: str,
+        interval: float = REVOCATION_CHECK,
+    ) -> None:
+        self.revocations = revocations
+        self.cut = cut
+        self.what = what
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start watching (in the running loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self.what}-revocations")
+
+    async def close(self) -> None:
+        """Stop watching; idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        seen = self.revocations.version
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                serials = self.revocations.serials()
+            except CertificateError as exc:
+                if self.revocations.version != seen:
+                    log.error("%s: %s; connected peers stay, new ones are refused", self.what, exc)
+                seen = self.revocations.version
+                continue
+            if self.revocations.version == seen:
+                continue
+            seen = self.revocations.version
+            try:
+                self.cut(serials)
+            except Exception:  # a bug here must not end the watch for good
+                log.exception("%s: cutting off revoked peers failed", self.what)
+
+
+def node_refusal(cert: x509.Certificate) -> str:
+    """Why a certificate may not be a node's on the node listener ('' if it may).
+
+    An operator's certificate is refused, and so is one for servers only (TLS
+    libraries refuse that one first; this holds when they do not).
+    """
+    usage = usage_of(cert)
+    if usage == "operator":
+        return f"{describe(cert)} is an operator's, not a node's"
+    if usage == "server":
+        return f"{describe(cert)} is for servers only, not a node's"
+    return ""
+
+
+def operator_refusal(cert: x509.Certificate) -> str:
+    """Why a certificate may not act as an operator on the user API ('' if it may)."""
+    if usage_of(cert) == "operator":
+        return ""
+    return (
+        f"{describe(cert)} is not an operator's "
+        "(make one with `directord pki issue NAME --operator`)"
+    )
 
 
 def peer_certificate(pem: bytes) -> tuple[str, x509.Certificate]:

@@ -4,6 +4,13 @@ Request ``{"rid", "m", "p"}``; reply ``{"rid", "ok": true, "r"}`` or
 ``{"rid", "ok": false, "err": {"type", "msg"}}``. ``watch`` replies with a
 stream of ``{"rid", "ev", ...}`` events ending with ``{"ev": "done"}``.
 The socket is created mode 0660, owned by ``--socket-group`` if given.
+
+With ``--api-bind`` the API is served on TCP too, with TLS, to operators only:
+the client's certificate must carry the operator mark (``pki issue --operator``);
+a node's certificate is refused. An operator whose certificate is revoked is cut
+off within about a second. On both sockets a connection that sends nothing for
+``api_idle_timeout`` seconds (outside a ``watch``) is closed, and no more than
+``api_max_connections`` are open at once.
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ import asyncio
 import contextlib
 import grp
 import logging
+import math
 import os
 import socket
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +33,27 @@ from directord import __version__
 from directord.errors import CertificateError, ConfigError, DirectordError, ProtocolError
 from directord.protocol import Envelope, FrameDecoder, frame
 from directord.security.pki import common_name
-from directord.security.tls import Revocations, server_tls_context
+from directord.security.tls import (
+    Revocations,
+    RevocationWatch,
+    operator_refusal,
+    server_tls_context,
+)
 from directord.server import analysis
 
 if TYPE_CHECKING:
     from directord.server.app import Server
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Operator:
+    """Who holds a TCP connection: the peer address and its certificate."""
+
+    peer: str
+    name: str
+    serial: int
 
 
 class APIServer:
@@ -42,12 +66,22 @@ class APIServer:
         self._srv: asyncio.Server | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[asyncio.Task[Any]] = set()
+        #: the TCP connections, by the task serving each, for revocation
+        self._operators: dict[asyncio.Task[Any], _Operator] = {}
         self._revocations: Revocations | None = None
+        self._revocation_watch: RevocationWatch | None = None
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve; TCP+TLS too if asked."""
-        await self._start_local()
         settings = self.server.settings
+        if settings.api_max_connections < 1:
+            raise ConfigError("api_max_connections must be 1 or more", key="api_max_connections")
+        if not 0 <= settings.api_idle_timeout < math.inf:
+            raise ConfigError(
+                "api_idle_timeout must be a finite number of seconds >= 0 (0: never)",
+                key="api_idle_timeout",
+            )
+        await self._start_local()
         if settings.api_bind:
             context = server_tls_context(settings.ca, settings.cert, settings.key)
             # The context holds the CRL of start-up time; this one follows the file, so
@@ -70,6 +104,8 @@ class APIServer:
                 ) from None
             port = self._tcp.sockets[0].getsockname()[1]
             self.where += f" and tls://{settings.api_bind}:{port}"
+            self._revocation_watch = RevocationWatch(self._revocations, self._cut_revoked, "API")
+            self._revocation_watch.start()
 
     async def _start_local(self) -> None:
         if self._activated is not None:
@@ -102,6 +138,9 @@ class APIServer:
 
     async def close(self) -> None:
         """Stop serving and remove the socket."""
+        watch, self._revocation_watch = self._revocation_watch, None
+        if watch is not None:
+            await watch.close()
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
@@ -120,39 +159,78 @@ class APIServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.where)
 
-    def _refusal(self, writer: asyncio.StreamWriter) -> str:
-        """Why a TLS peer of the API may not go on ('' if it may)."""
+    def _refusal(self, writer: asyncio.StreamWriter) -> tuple[x509.Certificate | None, str]:
+        """A TLS peer's certificate, and why it may not go on ('' if it may)."""
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
-            return "no client certificate"
+            return None, "no client certificate"
         cert = x509.load_der_x509_certificate(der)
         try:
             revoked = self._revocations.serials() if self._revocations is not None else set()
         except CertificateError as exc:  # a damaged CRL refuses everyone rather than no one
-            return str(exc)
+            return cert, str(exc)
         if cert.serial_number in revoked:
-            return f"certificate {common_name(cert)!r} (serial {cert.serial_number:x}) is revoked"
-        return ""
+            name = common_name(cert)
+            return cert, f"certificate {name!r} (serial {cert.serial_number:x}) is revoked"
+        # A node's certificate is as valid as an operator's to TLS: only the operator
+        # mark tells them apart, and only operators may use the API.
+        return cert, operator_refusal(cert)
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        refusal = self._refusal(writer)
-        if refusal:
-            log.warning("API: refused %s: %s", writer.get_extra_info("peername"), refusal)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        cert, refusal = self._refusal(writer)
+        if refusal or cert is None:
+            await _refuse(writer, refusal)
             return
-        await self._client(reader, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._operators[task] = _Operator(_peer(writer), common_name(cert), cert.serial_number)
+        try:
+            await self._client(reader, writer)
+        finally:
+            self._operators.pop(task, None)
+
+    def _cut_revoked(self, revoked: set[int]) -> None:
+        """Close the TCP connections whose operator certificate is now revoked."""
+        for task, who in list(self._operators.items()):
+            if who.serial in revoked:
+                log.warning(
+                    "API: cut off %s: certificate %r (serial %x) is revoked",
+                    who.peer,
+                    who.name,
+                    who.serial,
+                )
+                del self._operators[task]
+                task.cancel()
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """The client's next bytes; b'' at its end, or once it has sent nothing for too long.
+
+        Only the wait for a request counts: a request in progress (a ``watch`` too)
+        does not read, so it is never idle.
+        """
+        idle = self.server.settings.api_idle_timeout
+        try:
+            async with asyncio.timeout(idle or None):
+                return await reader.read(65536)
+        except TimeoutError:
+            log.info(
+                "API: closed %s: it sent nothing for %gs (api_idle_timeout)", _peer(writer), idle
+            )
+            return b""
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        cap = self.server.settings.api_max_connections
+        if len(self._conns) >= cap:
+            await _refuse(writer, f"{cap} connections are open already (api_max_connections)")
+            return
         self._conns.add(task)
         decoder = FrameDecoder()
         try:
             while True:
-                data = await reader.read(65536)
+                data = await self._read(reader, writer)
                 if not data:
                     break
                 for batch in decoder.feed(data):
@@ -296,6 +374,29 @@ class APIServer:
                 raise ConfigError(f"no orchestration {params['parent']!r}", key="analyze-parent")
             return analysis.analyze([jobs.jobs[j] for j in parent.jobs if j in jobs.jobs])
         return analysis.analyze(list(jobs.jobs.values()))
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    """An API client for the logs: ``HOST:PORT``, or the local process and user."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    sock = writer.get_extra_info("socket")
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if sock is not None and peercred is not None:
+        with contextlib.suppress(OSError):
+            size = struct.calcsize("3i")
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, size))
+            return f"local pid {pid} uid {uid}"
+    return "a local client"
+
+
+async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+    """Log why an API client is turned away, and close its connection."""
+    log.warning("API: refused %s: %s", _peer(writer), reason)
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
 
 
 def _clear_stale_socket(path: Path) -> None:

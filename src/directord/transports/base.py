@@ -42,6 +42,8 @@ class Connection(ABC):
     peer: str = "?"
     #: identity proven by the transport (certificate name, curve key), if any
     peer_identity: str | None = None
+    #: serial of the certificate the peer proved, if any: revoking it cuts the connection
+    peer_serial: int | None = None
 
     @abstractmethod
     async def send(self, data: bytes) -> None:

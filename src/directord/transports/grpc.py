@@ -18,7 +18,10 @@ Spec sheet
   clients verify it against ``--grpc-ssl-ca`` and the address they dial.
   ``--grpc-ssl-client-auth`` (mTLS) makes the server demand a client
   certificate signed by the CA; the client's identity then IS the certificate's
-  common name, and a certificate revoked in the CRL is refused at connection.
+  common name. Refused at connection: a certificate revoked in the CRL, an
+  operator's certificate (``pki issue --operator``: those are for the user API)
+  and one for servers only. A node whose certificate is revoked while it is
+  connected is cut off within about a second (the CRL is checked every second).
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ from directord.errors import (
     MissingDependencyError,
 )
 from directord.protocol import MAX_FRAME
-from directord.security.tls import Revocations, check_key_pair, peer_certificate, read_pem
+from directord.security.tls import (
+    Revocations,
+    RevocationWatch,
+    check_key_pair,
+    node_refusal,
+    peer_certificate,
+    read_pem,
+)
 from directord.transports.base import (
     IMPERSONATION,
     Connection,
@@ -229,6 +239,9 @@ class GrpcTransport(Transport):
         self._handler: ConnectionHandler | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._revocations: Revocations | None = None
+        self._revocation_watch: RevocationWatch | None = None
+        #: live mTLS connections, each with the future that cuts it off (set to the reason)
+        self._live: dict[_ServerStream, asyncio.Future[str]] = {}
         self._adopted: socket.socket | None = None
         self._relay: asyncio.Server | None = None
         self._private_dir: str | None = None
@@ -284,6 +297,9 @@ class GrpcTransport(Transport):
             address = _join(self.settings.grpc_bind_address, port)
         await server.start()
         self._server = server
+        if self._revocations is not None:
+            self._revocation_watch = RevocationWatch(self._revocations, self._cut_revoked, "grpc")
+            self._revocation_watch.start()
         if self._adopted is not None:
             self._relay = await start_relay(self._adopted, address[len("unix:") :])
             address = f"{self._adopted.getsockname() or '?'} (socket activation)"
@@ -302,7 +318,19 @@ class GrpcTransport(Transport):
         task = asyncio.create_task(self._run_handler(conn), name=f"grpc-conn {conn.peer}")
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
-        await asyncio.shield(task)
+        cut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if conn.peer_serial is not None:
+            self._live[conn] = cut
+        try:
+            # As with shield: when gRPC cancels this coroutine, the handler runs on.
+            either: set[asyncio.Future[Any]] = {task, cut}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._live.pop(conn, None)
+        if cut.done() and not task.done():
+            # Ending the call ends the handler's pending recv with ConnectionLost; the
+            # peer learns why from the status, and is refused when it comes back.
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, cut.result())
 
     def _server_credentials(self) -> Any:
         s = self.settings
@@ -320,8 +348,9 @@ class GrpcTransport(Transport):
         )
 
     def _authenticate(self, conn: _ServerStream) -> str:
-        """With mTLS, bind the connection to its certificate's name; refuse revoked ones.
+        """With mTLS, bind the connection to its certificate's name and serial.
 
+        Refuses a revoked certificate, an operator's and one for servers only.
         Returns why the peer is refused ('' if it is not).
         """
         if self._revocations is None:
@@ -339,8 +368,23 @@ class GrpcTransport(Transport):
         except CertificateError as exc:
             log.error("grpc: refused %s: %s", conn.peer, exc)
             return str(exc)
+        reason = node_refusal(cert)
+        if reason:
+            log.warning("grpc: refused %s: %s", conn.peer, reason)
+            return reason
         conn.peer_identity = name
+        conn.peer_serial = cert.serial_number
         return ""
+
+    def _cut_revoked(self, revoked: set[int]) -> None:
+        """Cut off the live connections whose certificate is now revoked."""
+        for conn, cut in list(self._live.items()):
+            if conn.peer_serial in revoked and not cut.done():
+                reason = (
+                    f"certificate {conn.peer_identity!r} (serial {conn.peer_serial:x}) is revoked"
+                )
+                log.warning("grpc: cut off %s: %s", conn.peer, reason)
+                cut.set_result(reason)
 
     async def _run_handler(self, conn: _ServerStream) -> None:
         assert self._handler is not None
@@ -380,6 +424,9 @@ class GrpcTransport(Transport):
         return _ClientStream(channel, call, target)
 
     async def close(self) -> None:
+        watch, self._revocation_watch = self._revocation_watch, None
+        if watch is not None:
+            await watch.close()
         relay, self._relay = self._relay, None
         if relay is not None:
             relay.close()
