@@ -149,7 +149,7 @@ QUERY: dict[str, Any] = {
         "neg": -1,
         "empty": "",
         "none": None,
-        "facts": {"os": "debian", "bad;key": "x", "tags": ["a", "b c"]},
+        "facts": {"os": "debian", "bad;key": "x", "tags": ["a", "b c"], "origin": "here"},
     },
     "web1": {"role": "web"},
 }
@@ -431,6 +431,7 @@ def test_json_of_a_mapping_holding_unsafe_text_fails(text: str, key: str) -> Non
 
 def test_nested_values_and_their_keys_are_untrusted() -> None:
     assert render("{{ query.web2.facts.os }}") == "debian"
+    assert render("{{ query.web2.facts.origin }}") == "here"  # no proxy attribute hides a key
     assert render("{{ query.web2.facts['bad;key'] }}") == "x"  # the value itself is safe
     assert render("{{ query.web2.facts.tags[0] }}") == "a"
     assert refused("{{ query.web2.facts.tags[1] }}").reason == "holds ' '"
@@ -448,6 +449,8 @@ def test_nested_values_and_their_keys_are_untrusted() -> None:
         "{{ query.__class__ }}",
         "{{ query.web2.role.__class__ }}",
         "{{ query.web2.role._value }}",
+        "{{ query.web2.headline.raw() }}",
+        "{{ query.web2.headline._origin() }}",
         "{{ query.web2.facts.__init__.__globals__ }}",
         "{{ cycler.__init__.__globals__ }}",
         "{{ lipsum.__globals__['os'] }}",

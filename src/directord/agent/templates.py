@@ -143,14 +143,10 @@ class Untrusted:
         self._node = node
         self._key = key
 
-    @property
-    def origin(self) -> tuple[str, str]:
-        """The node and the QUERY key the value came from."""
+    # No public attribute here: a template could read it (a `raw()` would launder the
+    # value), and on a mapping it would hide the key of the same name.
+    def _origin(self) -> tuple[str, str]:
         return self._node, self._key
-
-    def raw(self) -> Any:
-        """The value as the node reported it (or as an operation on it produced it)."""
-        return self._value
 
     def __bool__(self) -> bool:
         return bool(self._value)
@@ -390,8 +386,8 @@ def _blame(*values: Any) -> tuple[str, str]:
     tainted = [v for v in values if isinstance(v, Untrusted)]
     for value in tainted:
         if isinstance(value, UntrustedValue) and unsafe_reason(_text(value._value)):
-            return value.origin
-    return tainted[0].origin
+            return value._origin()
+    return tainted[0]._origin()
 
 
 def _raw(value: Any) -> Any:
