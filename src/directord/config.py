@@ -6,6 +6,11 @@ or ``--config-file``), then the defaults declared on :class:`Settings`.
 Keys of the config file are the option names in snake_case; an unknown key
 or a value of the wrong type is a :class:`ConfigError` naming the key and the
 file. After :func:`load_settings` returns, nothing else reads the environment.
+
+Secrets need never be on a command line (which every local user can read in
+``/proc``): each comes from the environment or from a file (``*_file``
+options) that only its owner may read, resolved here into the option the
+driver uses.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import dataclasses
 import math
 import os
 import socket
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 
@@ -123,6 +130,12 @@ class Settings:
     zmq_shared_key: str = _opt(
         "", "ZeroMQ shared key: authenticates, does NOT encrypt", "server", "client"
     )
+    zmq_shared_key_file: str = _opt(
+        "",
+        "file holding the ZeroMQ shared key, private to its owner (instead of --zmq-shared-key)",
+        "server",
+        "client",
+    )
     zmq_curve_encryption: bool = _opt(
         False, "ZeroMQ Curve25519 encryption (on by itself when keys exist)", "server", "client"
     )
@@ -146,6 +159,12 @@ class Settings:
         "server",
         "client",
     )
+    messaging_password_file: str = _opt(
+        "",
+        "file holding the RabbitMQ password, private to its owner; replaces the URL's",
+        "server",
+        "client",
+    )
     messaging_ssl: bool = _opt(False, "TLS to RabbitMQ", "server", "client")
     messaging_ssl_ca: str = _opt("", "CA that signed RabbitMQ's certificate", "server", "client")
     messaging_ssl_cert: str = _opt("", "client certificate for RabbitMQ", "server", "client")
@@ -161,6 +180,12 @@ class Settings:
     )
     nats_url: str = _opt(
         "nats://127.0.0.1:4222", "NATS server URL(s), comma separated", "server", "client"
+    )
+    nats_password_file: str = _opt(
+        "",
+        "file holding the NATS password, private to its owner; replaces each URL's",
+        "server",
+        "client",
     )
     nats_nkey_seed: str = _opt("", "NKEY seed file for NATS", "server", "client")
     nats_creds: str = _opt("", "NATS .creds file", "server", "client")
@@ -299,17 +324,120 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+SECRET_FILE_LIMIT = 64 * 1024
+# A NATS URL carries its password as written (nats-py does not percent-decode it),
+# so these would end or split the URL.
+_NATS_UNSAFE = frozenset("/?#,[]")
+
+
+def read_secret_file(key: str, path: str) -> str:
+    """The one-line secret in ``path``, named by option ``key``, without its line ending.
+
+    The file must be a regular file of at most 64 KiB, owned by this user or
+    root, and private to its owner: group and others have no rights on it.
+
+    Raises:
+        ConfigError: any of that is not so, naming the key and the file.
+    """
+    try:
+        # O_NONBLOCK: a FIFO at the path must not hang the start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read: {exc.strerror}", key=key, source=path) from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            problem = "not a regular file"
+        elif mode & 0o077:
+            problem = f"group or others have rights on it (mode {mode:04o}); chmod 600 it"
+        elif st.st_uid not in (0, os.getuid()):
+            problem = f"owned by uid {st.st_uid}, neither this user nor root"
+        else:
+            problem = ""
+            data = fh.read(SECRET_FILE_LIMIT + 1)
+    if problem:
+        raise ConfigError(f"{key}: {problem}", key=key, source=path)
+    if len(data) > SECRET_FILE_LIMIT:
+        raise ConfigError(f"{key}: larger than {SECRET_FILE_LIMIT} bytes", key=key, source=path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: not UTF-8 text", key=key, source=path) from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret or "\n" in secret or "\r" in secret:
+        raise ConfigError(f"{key}: expected one line holding the secret", key=key, source=path)
+    return secret
+
+
+def _with_password(url: str, password: str, key: str, file_key: str, path: str) -> str:
+    """``url`` with ``password`` for the user it names."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or not user.partition(":")[0]:
+        raise ConfigError(
+            f"{file_key}: {key} {url.split('@')[-1]!r} names no user for the password",
+            key=file_key,
+            source=path,
+        )
+    netloc = f"{user.partition(':')[0]}:{password}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _resolve_secret_files(values: dict[str, Any], *, read: bool) -> None:
+    """Read the ``*_file`` secrets into the options the drivers use (only check, unless read)."""
+    path = values.get("zmq_shared_key_file")
+    if path and values.get("zmq_shared_key"):
+        raise ConfigError(
+            "zmq_shared_key and zmq_shared_key_file are both set; give one",
+            key="zmq_shared_key_file",
+        )
+    if not read:
+        return
+    if path:
+        values["zmq_shared_key"] = read_secret_file("zmq_shared_key_file", path)
+    path = values.get("messaging_password_file")
+    if path:
+        password = quote(read_secret_file("messaging_password_file", path), safe="")
+        url = values.get("messaging_url", Settings().messaging_url)
+        values["messaging_url"] = _with_password(
+            url, password, "messaging_url", "messaging_password_file", path
+        )
+    path = values.get("nats_password_file")
+    if path:
+        password = read_secret_file("nats_password_file", path)
+        if _NATS_UNSAFE & set(password) or not password.isprintable():
+            raise ConfigError(
+                "nats_password_file: a NATS URL cannot carry this password (it holds one of "
+                "/ ? # , [ ] or a control character); choose another or use nats_creds",
+                key="nats_password_file",
+                source=path,
+            )
+        urls = [u.strip() for u in values.get("nats_url", Settings().nats_url).split(",")]
+        values["nats_url"] = ",".join(
+            _with_password(u, password, "nats_url", "nats_password_file", path) for u in urls if u
+        )
+
+
 def load_settings(
-    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets: bool = True,
 ) -> Settings:
     """Resolve settings: flags > env > file > defaults.
 
     Args:
         flags: options given explicitly on the command line (snake_case names).
         environ: the environment to read; defaults to ``os.environ``.
+        secrets: read the secret files (``zmq_shared_key_file``, ...) into the
+            options they stand for. Commands that do not connect a driver
+            (``exec``, ``manage`` ...) skip them: an operator sharing the
+            daemons' config file need not be able to read their secrets.
 
     Raises:
-        ConfigError: a bad value anywhere, naming its source.
+        ConfigError: a bad value anywhere, naming its source; a secret file
+            that is unreadable or open to others.
     """
     flags = dict(flags or {})
     env = read_env(os.environ if environ is None else environ)
@@ -323,6 +451,7 @@ def load_settings(
         values["driver"] = DRIVER_ALIASES.get(values["driver"], values["driver"])
     if config_file:
         values["config_file"] = config_file
+    _resolve_secret_files(values, read=secrets)
     settings = Settings(**values)
     # `not x > 0` also refuses NaN, which would compare false everywhere downstream.
     if not 0 < settings.heartbeat_interval < math.inf:

@@ -83,6 +83,49 @@ def test_shared_key_authenticates(make_cluster: Any) -> None:
     assert "intruder" not in nodes
 
 
+def test_shared_key_from_a_file(make_cluster: Any, tmp_path: Path) -> None:
+    key = tmp_path / "zmq.key"
+    key.write_text("k3y-from-a-file\n")
+    key.chmod(0o600)
+    option = ["--zmq-shared-key-file", str(key)]
+    cluster = make_cluster(nodes=1, driver="zmq", server_args=option, client_args=option)
+    reply = cluster.json("exec", "--verb", "RUN", "--skip-cache echo file-key-ok", "--wait")
+    assert [r["stdout"].strip() for r in reply["results"]] == ["file-key-ok"]
+    # The key is on no command line (every local user can read those in /proc).
+    assert cluster.server is not None
+    for pid in (cluster.server.pid, cluster.clients["node0"].pid):
+        assert b"k3y-from-a-file" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    # The same key given inline is the same key: that client registers too.
+    cluster.client_args = ["--zmq-shared-key", "k3y-from-a-file"]
+    cluster.identities.append("inline")
+    cluster.start_client("inline")
+    # A key file others may read is refused before anything starts, naming the file.
+    key.chmod(0o640)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "directord",
+            "--config-file",
+            "/dev/null",
+            "--driver",
+            "zmq",
+            "--zmq-shared-key-file",
+            str(key),
+            "server",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cluster.env,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"directord: {key}: zmq_shared_key_file: group or others have rights on it "
+        "(mode 0640); chmod 600 it\n"
+    )
+
+
 def test_curve_rotation_live(make_cluster: Any, tmp_path: Path) -> None:
     server_keys = tmp_path / "server-keys"
     _generate(server_keys, "node0")  # node0 gets its own key; node1 uses the shared one

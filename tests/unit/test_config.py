@@ -290,3 +290,125 @@ def test_heartbeat_interval_must_be_positive_and_finite(value: str) -> None:
 def test_resolved_identity() -> None:
     assert Settings(identity="node9").resolved_identity() == "node9"
     assert Settings().resolved_identity() == socket.gethostname()
+
+
+# ---- secrets from files (never on a command line) -------------------------------------------
+
+
+def secret(tmp_path: Path, text: str, mode: int = 0o600, name: str = "secret") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_zmq_shared_key_file_is_read_without_its_line_ending(tmp_path: Path) -> None:
+    path = secret(tmp_path, "s3cret key\n")
+    settings = load_settings({"zmq_shared_key_file": path}, {})
+    assert settings.zmq_shared_key == "s3cret key"
+    assert settings.zmq_shared_key_file == path
+    env = {"DIRECTORD_ZMQ_SHARED_KEY_FILE": path}
+    assert load_settings({}, env).zmq_shared_key == "s3cret key"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644])
+def test_secret_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = secret(tmp_path, "s3cret\n", mode)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"zmq_shared_key_file": path}, {})
+    assert info.value.key == "zmq_shared_key_file"
+    assert info.value.source == path
+    assert str(info.value) == (
+        f"{path}: zmq_shared_key_file: group or others have rights on it "
+        f"(mode {mode:04o}); chmod 600 it"
+    )
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("", "one line"), ("\n", "one line"), ("a\nb\n", "one line"), ("x" * 70000, "larger")],
+)
+def test_secret_file_must_hold_one_line(tmp_path: Path, text: str, problem: str) -> None:
+    path = secret(tmp_path, text)
+    with pytest.raises(ConfigError, match=problem) as info:
+        load_settings({"zmq_shared_key_file": path}, {})
+    assert info.value.source == path
+
+
+def test_missing_secret_file_names_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="cannot read") as info:
+        load_settings({}, {"DIRECTORD_NATS_PASSWORD_FILE": path})
+    assert info.value.source == path and info.value.key == "nats_password_file"
+
+
+def test_shared_key_and_its_file_together_are_refused(tmp_path: Path) -> None:
+    path = secret(tmp_path, "from-file\n")
+    config_file = write(tmp_path, "zmq_shared_key: from-config\n")
+    with pytest.raises(ConfigError, match="both set; give one") as info:
+        load_settings({"config_file": config_file, "zmq_shared_key_file": path}, {})
+    assert info.value.key == "zmq_shared_key_file"
+    # Refused even where the files are not read (a user command on the same config).
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings({"zmq_shared_key": "x", "zmq_shared_key_file": path}, {}, secrets=False)
+
+
+def test_user_commands_do_not_read_the_secret_files(tmp_path: Path) -> None:
+    # An operator may share the daemons' config without being able to read their secrets.
+    path = str(tmp_path / "root-only")
+    settings = load_settings({"zmq_shared_key_file": path}, {}, secrets=False)
+    assert settings.zmq_shared_key == "" and settings.zmq_shared_key_file == path
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "amqp://directord:old@mq.example.net:5672/",
+            "amqp://directord:p%40ss%3Aw%2Fd@mq.example.net:5672/",
+        ),
+        (
+            "amqps://directord@mq.example.net:5671/vhost",
+            "amqps://directord:p%40ss%3Aw%2Fd@mq.example.net:5671/vhost",
+        ),
+    ],
+)
+def test_messaging_password_file_replaces_the_urls_password(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    path = secret(tmp_path, "p@ss:w/d\n")
+    settings = load_settings({"messaging_url": url, "messaging_password_file": path}, {})
+    assert settings.messaging_url == expected
+
+
+def test_messaging_password_file_with_the_default_url(tmp_path: Path) -> None:
+    path = secret(tmp_path, "not-guest\n")
+    settings = load_settings({"messaging_password_file": path}, {})
+    assert settings.messaging_url == "amqp://guest:not-guest@127.0.0.1:5672/"
+
+
+def test_password_file_needs_a_user_in_the_url(tmp_path: Path) -> None:
+    path = secret(tmp_path, "pw\n")
+    with pytest.raises(ConfigError, match="names no user") as info:
+        load_settings({"messaging_url": "amqp://mq:5672/", "messaging_password_file": path}, {})
+    assert info.value.source == path
+
+
+def test_nats_password_file_goes_into_every_url(tmp_path: Path) -> None:
+    path = secret(tmp_path, "p@ss:w%rd\n")
+    urls = "nats://directord@a.example.net:4222, tls://directord:old@b.example.net:4222"
+    settings = load_settings({"nats_url": urls, "nats_password_file": path}, {})
+    # nats-py takes the password from the URL as written: it is not percent-encoded.
+    assert settings.nats_url == (
+        "nats://directord:p@ss:w%rd@a.example.net:4222,tls://directord:p@ss:w%rd@b.example.net:4222"
+    )
+
+
+@pytest.mark.parametrize("password", ["a/b", "a,b", "a#b", "a?b", "a\tb"])
+def test_nats_password_a_url_cannot_carry_is_refused(tmp_path: Path, password: str) -> None:
+    path = secret(tmp_path, password + "\n")
+    with pytest.raises(ConfigError, match="cannot carry") as info:
+        load_settings({"nats_url": "nats://u@h:4222", "nats_password_file": path}, {})
+    assert info.value.source == path
+    assert password not in str(info.value)

@@ -10,6 +10,10 @@ acknowledged, and never runs a job id twice.
 Writes join one open transaction; :meth:`commit` is called before
 acknowledging jobs and before starting each one, so the journal on disk is
 never behind what the server or the running process believe.
+
+Job output and cached args are secrets: the directory is 0700 (tightened,
+and logged, if an older install left it wider) and ``cache.db`` with its
+``-wal`` and ``-shm`` files 0600 from their creation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import msgpack
 
 from directord.errors import ConfigError
+from directord.security.private import private_directory, private_file
 
 SECTIONS = ("args", "envs", "query")
 EVICTABLE = ("args", "envs", "query", "jobs", "parents", "all")
@@ -47,7 +52,11 @@ class NodeCache:
                 ) from None
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(self.path.parent, tighten=True)
+            # SQLite gives the -wal and -shm files the mode of the database file.
+            private_file(self.path)
+            for leftover in ("-wal", "-shm"):
+                private_file(f"{self.path}{leftover}", create=False)
             self._db = sqlite3.connect(str(self.path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

@@ -154,7 +154,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     """Resolve Settings from the flags given (only explicitly given ones override)."""
     names = {f.name for f in option_fields()}
     flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k in names}
-    return load_settings(flags)
+    # Only the daemons use the secret files; operators need not be able to read them.
+    return load_settings(flags, secrets=ns.command in ("server", "client"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,10 @@ Human-readable and easy to back up; slower than sqlite for large histories.
 Each value is written to a temporary file and renamed into place, so a crash
 never leaves a half-written value. :meth:`apply` is atomic per key, not across
 keys: after a crash some keys of one batch may be new and others old.
+
+Values hold job output, so every directory is 0700 (the root is tightened,
+and that logged, if an older install left it wider) and every file 0600
+from its creation.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from urllib.parse import quote, unquote
 
 from directord.datastores.base import Datastore, Deletes, Puts, Value
 from directord.errors import ConfigError, DatastoreError
+from directord.security.private import private_directory
 
 
 class FileDatastore(Datastore):
@@ -33,7 +38,7 @@ class FileDatastore(Datastore):
 
     async def start(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_directory(self.root, tighten=True)
         except OSError as exc:
             raise DatastoreError(f"{self.root}: cannot create datastore: {exc}") from None
 
@@ -67,9 +72,13 @@ class FileDatastore(Datastore):
             for ns, items in puts.items():
                 for key, value in items.items():
                     path = self._path(ns, key)
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.parent.mkdir(mode=0o700, exist_ok=True)
+                    text = json.dumps(value, default=_bytes_to_text)
                     tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(value, default=_bytes_to_text), encoding="utf-8")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                        os.fchmod(fd, 0o600)  # a .tmp an older version left keeps its mode
+                        fh.write(text)
                     os.replace(tmp, path)
             for ns, keys in (deletes or {}).items():
                 for key in keys:

@@ -6,6 +6,10 @@ transaction survives the server process being killed (SIGKILL); only a power
 loss can drop the last few. The calls are made on the event loop thread: each
 is a single short transaction over local disk, far cheaper than a hop to a
 thread, and the server batches its writes.
+
+The file holds every job's output: it is created 0600 (SQLite gives its
+``-wal`` and ``-shm`` files the same mode), one left wider by an older
+install is tightened, and a directory created for it is 0700.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import msgpack
 
 from directord.datastores.base import Datastore, Deletes, Puts, Value
 from directord.errors import ConfigError, DatastoreError
+from directord.security.private import private_directory, private_file
 
 
 def _pack(value: Value) -> bytes:
@@ -47,7 +52,11 @@ class SqliteDatastore(Datastore):
 
     async def start(self) -> None:
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # The directory may be shared (/var/lib/directord): made private only if new.
+            private_directory(Path(self.path).parent, tighten=False)
+            private_file(self.path)
+            for leftover in ("-wal", "-shm"):
+                private_file(f"{self.path}{leftover}", create=False)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
