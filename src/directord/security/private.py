@@ -44,16 +44,21 @@ def private_directory(path: str | Path, *, tighten: bool) -> None:
         folder.mkdir(mode=0o700, exist_ok=True)
     if not tighten or missing:
         return
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if not mode & _GROUP_OTHER:
-        return
-    if mode & (stat.S_ISVTX | stat.S_IWOTH):
-        raise PermissionError(
-            errno.EPERM,
-            f"a shared directory (mode {mode:04o}) cannot hold secrets; give it one of its own",
-            str(path),
-        )
-    os.chmod(path, mode & ~_GROUP_OTHER)
+    # Check and change one open directory, not a name that could change in between.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if not mode & _GROUP_OTHER:
+            return
+        if mode & (stat.S_ISVTX | stat.S_IWOTH):
+            raise PermissionError(
+                errno.EPERM,
+                f"a shared directory (mode {mode:04o}) cannot hold secrets; give it one of its own",
+                str(path),
+            )
+        os.fchmod(fd, mode & ~_GROUP_OTHER)
+    finally:
+        os.close(fd)
     log.info("%s was mode %04o; now %04o: it holds secrets", path, mode, mode & ~_GROUP_OTHER)
 
 
