@@ -1,10 +1,13 @@
-"""The server refuses to start on a bad curve key file, naming it, and changes nothing."""
+"""Curve keys on the command line: a bad key file or a reserved key name is a one-line
+error, and nothing changes."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from directord.security import curve
 
@@ -40,4 +43,38 @@ def test_unreadable_key_file_is_a_clean_cli_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("directord:")]
     assert lines == [f"directord: {secret}: no secret-key in key file"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["server", "client", "ca"])
+def test_generate_keys_refuses_a_reserved_client_name(tmp_path: Path, name: str) -> None:
+    """``--client server`` would replace the server's own key; ``--client ca`` names the CA."""
+    curve.generate(str(tmp_path), ["server", "client"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "directord",
+            "--config-file",
+            "/dev/null",
+            "--zmq-key-dir",
+            str(tmp_path),
+            "server",
+            "--zmq-generate-keys",
+            "--client",
+            "node1",
+            "--client",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"directord: cannot make a key for {name!r}: identity {name!r} is reserved "
+        "(it names directord's own key files: ca, client, server)"
+    ]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

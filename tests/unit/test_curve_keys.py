@@ -1,4 +1,4 @@
-"""ZeroMQ curve key files: generation with backups, and clear errors for bad files."""
+"""ZeroMQ curve key files: generation with backups, names a key may take, clear errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from directord.cli.keys import generate_keys
+from directord.config import Settings
 from directord.errors import ConfigError
 from directord.security import curve
 
@@ -64,3 +66,35 @@ def test_malformed_and_mismatched_keys_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "private_keys" / "server.key_secret").write_text(other_secret)
     with pytest.raises(ConfigError, match="does not belong to public key"):
         curve.load_keypair(str(tmp_path), "server")
+
+
+@pytest.mark.parametrize("name", ["ca", "CA", "server", "client", "", "../x", ".hidden", "a b"])
+def test_a_node_key_may_not_take_a_reserved_or_invalid_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"cannot make a key for {name!r}")):
+        curve.check_node_name(name)
+    curve.check_node_name("node1.example.com")
+
+
+@pytest.mark.parametrize("name", ["ca", "../x", "a b"])
+def test_generate_refuses_a_bad_name_before_writing_anything(tmp_path: Path, name: str) -> None:
+    # server and client are directord's own keys: generate makes them, and nothing else
+    # reserved; one bad name stops the whole run before the first file.
+    with pytest.raises(ConfigError, match=re.escape(f"cannot make a key for {name!r}")):
+        curve.generate(str(tmp_path), ["server", "client", "node1", name])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_rotation_names_a_reserved_key_file_and_writes_nothing(tmp_path: Path) -> None:
+    curve.generate(str(tmp_path), ["server", "client", "node1"])
+    # a node key named "ca", as an older version could make
+    (tmp_path / "public_keys" / "ca.key").write_text(
+        (tmp_path / "public_keys" / "node1.key").read_text()
+    )
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    settings = Settings(zmq_key_dir=str(tmp_path))
+    message = f"{tmp_path / 'public_keys' / 'ca.key'}: cannot make a key for 'ca'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        generate_keys(settings, [])
+    with pytest.raises(ConfigError, match=re.escape("cannot make a key for 'server'")):
+        generate_keys(settings, ["node2", "server"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

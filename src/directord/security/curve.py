@@ -9,7 +9,9 @@ Layout under the key directory (``--zmq-key-dir``, default ``/etc/directord``)::
 
 The server accepts a client only if its public key is in ``public_keys``; the
 name of that file is the client's proven identity (``client`` = the shared
-key, which proves nothing about identity).
+key, which proves nothing about identity). A node key's name is therefore a
+node identity: never a reserved one (``server``, ``client``, ``ca``), which
+only directord's own keys may use.
 """
 
 from __future__ import annotations
@@ -20,14 +22,27 @@ import shutil
 from pathlib import Path
 
 from directord.errors import ConfigError
+from directord.security.identities import identity_problem
 
 SHARED_CLIENT = "client"
 SERVER = "server"
 
 
+def check_node_name(name: str) -> None:
+    """Refuse a name a node key may not have (``--client NAME``).
+
+    Raises:
+        ConfigError: ``name`` is reserved (``server`` and ``client`` name directord's
+            own keys) or is not a valid node identity.
+    """
+    problem = identity_problem(name)
+    if problem:
+        raise ConfigError(f"cannot make a key for {name!r}: {problem}", key="client")
+
+
 def _check(name: str) -> None:
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"invalid key name {name!r}", key="client")
+    if name not in (SERVER, SHARED_CLIENT):
+        check_node_name(name)
 
 
 def _header(kind: str) -> str:
@@ -46,18 +61,22 @@ def _write(path: Path, text: str, mode: int) -> None:
 def generate(key_dir: str, names: list[str]) -> list[Path]:
     """Create keypairs for ``names``; existing ones are first backed up with a timestamp.
 
+    ``names`` are ``server``, ``client`` (the shared key) and node identities.
+
     Raises:
-        ConfigError: the key directory cannot be written.
+        ConfigError: a name is neither one of the two nor a node identity (nothing
+            is written then), or the key directory cannot be written.
     """
     import zmq
 
+    for name in names:
+        _check(name)
     root = Path(key_dir)
     public, private = root / "public_keys", root / "private_keys"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     written = []
     try:
         for name in names:
-            _check(name)
             pub, sec = public / f"{name}.key", private / f"{name}.key_secret"
             for path in (pub, sec):
                 if path.exists():

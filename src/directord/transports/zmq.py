@@ -6,8 +6,18 @@ Spec sheet
   (0.0.0.0:5555); each client is a DEALER dialling ``--zmq-server-address``
   (127.0.0.1). ``--backend-port`` is accepted for compatibility and unused:
   one channel carries both directions.
-* A client's routing id is its identity, and every (re)connection opens with an
-  empty frame, so the server retires the previous stream of that client at once.
+* A client's routing id is its identity; every connection opens with an empty
+  frame. The server checks the claim there, before any session starts, and logs
+  a refusal: no reserved or invalid name; under Curve, a node's own key may
+  claim only its own name, and the shared ``client`` key only names that have
+  no key of their own. The hello must name the routing id.
+* One connection per routing id: while a client is connected, a second
+  connection claiming its routing id is held unused by ZeroMQ (it receives
+  nothing and disturbs nothing) and logged after ``QUIET_AFTER`` seconds. Once
+  the first connection has closed, the next claim takes the routing id and the
+  server retires the previous stream of that client. A restarted client is back
+  at once; one whose old connection did not close (its host vanished) waits for
+  the heartbeats to drop that connection, then its next attempt gets in.
 * Liveness: ZMTP heartbeats; a client learns of a dead server through a socket
   monitor (disconnect) and reconnects. The server learns of a dead client from
   directord's own heartbeats (three intervals).
@@ -20,6 +30,10 @@ Spec sheet
     ``KEY_DIR/public_keys``. A key named after a node (``--zmq-generate-keys
     --client NAME``) proves that node's identity; the shared ``client`` key
     proves membership only and may not claim an identity that has its own key.
+
+  With a shared key, or with no authentication, nothing proves which node a
+  client is: it can take the name of any node that is offline (the server says
+  so in its log at start). An online node's name cannot be taken.
 """
 
 from __future__ import annotations
@@ -27,12 +41,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any, ClassVar
 
 from directord.config import Settings
 from directord.errors import ConfigError, ConnectError, ConnectionLost, MissingDependencyError
 from directord.security import curve
+from directord.security.identities import identity_problem
 from directord.transports.base import (
     IMPERSONATION,
     Connection,
@@ -55,6 +72,9 @@ ZAP_DOMAIN = "directord"
 HEARTBEAT_MS = 2000
 CONNECT_TIMEOUT = 5.0
 KEY_POLL = 1.0
+# A client sends its first frame right after its handshake, which it abandons after
+# CONNECT_TIMEOUT: a connection silent for longer is held unused, or still shaking hands.
+QUIET_AFTER = CONNECT_TIMEOUT
 _EOF = None
 
 
@@ -62,6 +82,29 @@ def _url(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"tcp://{host}:{port}"
+
+
+def _peer_of(fd: int) -> str:
+    """The remote address of a connection libzmq owns, for a log line (best effort).
+
+    Reads a duplicate of the descriptor, never the original; if the connection has
+    gone (and the number is reused), the line may name another peer, or none.
+    """
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return f"fd {fd}"
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return f"fd {fd}"
+    with sock:
+        try:
+            host, port = sock.getpeername()[:2]
+        except (OSError, ValueError):
+            return f"fd {fd}"
+    return f"{host}:{port}"
 
 
 def mechanism(settings: Settings) -> str:
@@ -103,17 +146,17 @@ class _Rotation:
 
 
 class _ServerConn(Connection):
-    def __init__(self, transport: ZmqTransport, rid: bytes, user: str | None) -> None:
+    def __init__(self, transport: ZmqTransport, rid: bytes, user: str | None, fd: int) -> None:
         self._t = transport
         self.rid = rid
         self.user = user
+        self.fd = fd  # the TCP connection's descriptor in libzmq
         self.peer = f"zmq:{rid.decode('utf-8', 'replace')}"
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.closed = False
-        # Only a node's own curve key proves an identity; the shared key and the
-        # PLAIN token prove membership.
-        if transport.binds_identity and user not in (None, curve.SHARED_CLIENT):
-            self.peer_identity = user
+        # The routing id is the identity, checked against the credential before this
+        # connection was made (_claim_problem): the hello may name no other.
+        self.peer_identity = rid.decode()
 
     async def send(self, data: bytes) -> None:
         if self.closed:
@@ -217,6 +260,8 @@ class ZmqTransport(Transport):
         self._router_watch: asyncio.Task[None] | None = None
         self._router_monitor: Any = None
         self._open_fds: set[int] = set()
+        # accepted connections not heard from yet: descriptor -> the check that logs them
+        self._unheard: dict[int, asyncio.TimerHandle] = {}
         self._rotation: _Rotation | None = None
 
     def exposure(self) -> str | None:
@@ -234,7 +279,8 @@ class ZmqTransport(Transport):
         how = mechanism(s)
         if how == "none":
             log.warning(
-                "zmq: no authentication configured: any client can join "
+                "zmq: no authentication configured: any client can join, and nothing proves "
+                "which node it is: it can register under the name of any node that is offline "
                 "(set --zmq-shared-key or generate curve keys)"
             )
             return how
@@ -243,6 +289,11 @@ class ZmqTransport(Transport):
         if how == "plain":
             self._auth.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: s.zmq_shared_key})
             sock.plain_server = True
+            log.warning(
+                "zmq: the shared key proves membership, not identity: a client holding it can "
+                "register under the name of any node that is offline (per-node curve keys "
+                "bind names)"
+            )
         else:
             public, secret = curve.load_keypair(s.zmq_key_dir, curve.SERVER)
             names = curve.known_clients(s.zmq_key_dir)
@@ -272,7 +323,23 @@ class ZmqTransport(Transport):
     async def serve(self, handler: ConnectionHandler) -> str:
         self._handler = handler
         sock = self.ctx.socket(zmq.ROUTER)
-        sock.router_handover = 1
+        # No handover: libzmq gives a routing id to one connection at a time. While
+        # node1 is connected, a second connection claiming node1 - whatever its
+        # credential - is parked by libzmq: never read, never routed to, until it
+        # closes, even after node1 has left. It cannot take node1's stream, receive
+        # its jobs or disconnect it. With handover, libzmq would give node1's routing
+        # id to the newest claim and drop the connected node1 before directord saw
+        # a frame, so anyone able to connect could knock any node offline.
+        # A restarted node1 is not held up: its old process's TCP connection closed
+        # when it died, and libzmq frees the routing id as soon as it reads that
+        # close. If the old connection is still open (its host vanished), the ZMTP
+        # heartbeats drop it after 3 * HEARTBEAT_MS; the new client, parked until
+        # then, gets no welcome and dials again (the agent waits 10s for one).
+        # What handover off leaves: a client refused at its first frame keeps the
+        # routing id it took until it disconnects (ZeroMQ cannot close one peer of a
+        # ROUTER), so under Curve a key holder can keep an offline node from coming
+        # back (never impersonate it) while it stays connected; its refusal is logged.
+        sock.router_handover = 0
         sock.heartbeat_ivl = HEARTBEAT_MS
         sock.heartbeat_timeout = 3 * HEARTBEAT_MS
         sock.linger = 0
@@ -291,13 +358,11 @@ class ZmqTransport(Transport):
         self.router = sock
         self._address = address
         self._reader = asyncio.create_task(self._read_loop(), name="zmq-router")
+        self._router_monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._router_watch = asyncio.create_task(
+            self._watch_router(self._router_monitor), name="zmq-router-monitor"
+        )
         if how == "curve":
-            self._router_monitor = sock.get_monitor_socket(
-                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-            )
-            self._router_watch = asyncio.create_task(
-                self._watch_router(self._router_monitor), name="zmq-router-monitor"
-            )
             self._watcher = asyncio.create_task(self._watch_keys(), name="zmq-keys")
         log.info("zmq: listening on %s (auth: %s)", address, how)
         return address.replace("tcp://", "")
@@ -313,26 +378,76 @@ class ZmqTransport(Transport):
                 continue
             rid, payload = frames[0].bytes, frames[1]
             user = payload.get("User-Id") if self._auth is not None else None
-            conn = self.conns.get(rid)
             data = payload.bytes
             if not data:
-                # A (re)connection starts: retire the old stream of this routing id.
-                if conn is not None:
-                    await conn.close()
-                if self._shared_key_claims_owned(rid, user):
-                    continue
-                conn = _ServerConn(self, rid, user)
-                self.conns[rid] = conn
-                task = asyncio.create_task(self._run_handler(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                await self._open(rid, user, payload)
                 continue
+            conn = self.conns.get(rid)
             if conn is None:
-                continue
+                continue  # from a connection refused at its first frame
             if conn.user != user:
                 log.warning("zmq: dropped a message on %s from another credential", conn.peer)
                 continue
             conn.queue.put_nowait(data)
+
+    async def _open(self, rid: bytes, user: str | None, first: Any) -> None:
+        """A connection's first frame: check its claim, then start its stream."""
+        fd = int(first.get(zmq.SRCFD))
+        self._heard(fd)
+        problem = self._claim_problem(rid, user)
+        if problem:
+            log.warning("zmq: refused a connection from %s: %s", _peer_of(fd), problem)
+            return
+        old = self.conns.get(rid)
+        if old is not None:
+            # libzmq gave this routing id to a new connection, so the old one has
+            # closed (no handover): retire its stream now rather than at its timeout.
+            await old.close()
+        conn = _ServerConn(self, rid, user, fd)
+        self.conns[rid] = conn
+        task = asyncio.create_task(self._run_handler(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _claim_problem(self, rid: bytes, user: str | None) -> str | None:
+        """Why a connection may not have the identity its routing id claims, or None."""
+        claimed = rid.decode("utf-8", "replace")
+        problem = identity_problem(claimed)
+        if problem:
+            return f"routing id: {problem}"
+        if not self.binds_identity or self._auth is None or user is None:
+            return None
+        if user == curve.SHARED_CLIENT:
+            if claimed in self._auth.names.values():
+                return f"{claimed!r} has its own curve key; the shared key may not claim it"
+            return None
+        if user != claimed:
+            return f"claims {claimed!r} with the curve key of {user!r}"
+        return None
+
+    def _expect(self, fd: int) -> None:
+        """A connection was accepted: log it if it has said nothing after QUIET_AFTER."""
+        self._heard(fd)
+        self._unheard[fd] = asyncio.get_running_loop().call_later(QUIET_AFTER, self._silent, fd)
+
+    def _heard(self, fd: int) -> None:
+        timer = self._unheard.pop(fd, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _silent(self, fd: int) -> None:
+        self._unheard.pop(fd, None)
+        # Its first frame may have been read before its acceptance was reported.
+        if any(c.fd == fd and not c.closed for c in self.conns.values()):
+            return
+        log.warning(
+            "zmq: a connection from %s has sent nothing in %gs: either its routing id is "
+            "that of a client already connected (an impostor, or a restarted client whose "
+            "old connection is still open), and it is held unused until it closes, or its "
+            "handshake has not finished",
+            _peer_of(fd),
+            QUIET_AFTER,
+        )
 
     def _key_stamp(self) -> tuple[tuple[str, int], ...]:
         root = Path(self.settings.zmq_key_dir)
@@ -364,16 +479,21 @@ class ZmqTransport(Transport):
 
         libzmq reports no descriptor with a successful handshake, so this counts
         every accepted connection; those that fail their handshake close soon.
+        A connection held unused (its routing id taken) never shows in the
+        socket's frames: only here, and :meth:`_silent` logs it.
         """
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
+                fd = int(event["value"])
                 if event["event"] == zmq.EVENT_ACCEPTED:
-                    self._open_fds.add(event["value"])
+                    self._open_fds.add(fd)
+                    self._expect(fd)
                 elif event["event"] == zmq.EVENT_DISCONNECTED:
-                    self._open_fds.discard(event["value"])
+                    self._open_fds.discard(fd)
+                    self._heard(fd)
                     if self._rotation is not None:
-                        self._rotation.waiting.discard(event["value"])
+                        self._rotation.waiting.discard(fd)
         except (zmq.ZMQError, asyncio.CancelledError):
             return
 
@@ -433,18 +553,6 @@ class ZmqTransport(Transport):
             "old client keys are refused from now on",
             left,
         )
-
-    def _shared_key_claims_owned(self, rid: bytes, user: str | None) -> bool:
-        """True (and logged) when the shared key claims an identity that has its own key."""
-        if not self.binds_identity or user != curve.SHARED_CLIENT or self._auth is None:
-            return False
-        claimed = rid.decode("utf-8", "replace")
-        if claimed in self._auth.names.values():
-            log.warning(
-                "zmq: refused %r: that identity has its own curve key, not the shared one", claimed
-            )
-            return True
-        return False
 
     async def _run_handler(self, conn: _ServerConn) -> None:
         assert self._handler is not None
@@ -509,6 +617,9 @@ class ZmqTransport(Transport):
             if task is not None:
                 task.cancel()
         self._watcher = self._router_watch = None
+        for timer in self._unheard.values():
+            timer.cancel()
+        self._unheard.clear()
         if self._router_monitor is not None:
             with contextlib.suppress(Exception):
                 self.router.disable_monitor()
