@@ -237,14 +237,19 @@ def test_revoking_a_connected_node_cuts_it_off(mtls: Cluster, pki: Pki) -> None:
 def test_revoking_an_operator_cuts_off_their_watch(mtls: Cluster, pki: Pki) -> None:
     token = uid()
     flag = mtls.root / f"{token}.go"
-    started = mtls.root / f"{token}.started"
-    command = f"touch {started}; while [ ! -e {flag} ]; do sleep 0.1; done; echo {token}"
-    job = ["exec", "--verb", "RUN", command, "--target", "node0", "--wait", "--format", "json"]
-    # Bob watches the job over TCP (and is revoked); dave, another operator, too.
-    bob = api_popen(mtls, pki, "bob", *job)
-    dave = api_popen(mtls, pki, "dave", *job)
+
+    def job(who: str) -> list[str]:
+        """A job of WHO's own on node0, running until the test lets it end."""
+        started = mtls.root / f"{token}.{who}.started"
+        command = f"touch {started}; while [ ! -e {flag} ]; do sleep 0.1; done; echo {token}-{who}"
+        return ["exec", "--verb", "RUN", command, "--target", "node0", "--wait", "--format", "json"]
+
+    # Bob watches his job over TCP and is revoked; dave, another operator, too and is not.
+    bob = api_popen(mtls, pki, "bob", *job("bob"))
+    dave = api_popen(mtls, pki, "dave", *job("dave"))
     try:
-        wait_for(started.exists, "the job to start on node0")
+        # node0 runs one job at a time: the second waits behind the first.
+        wait_for(lambda: list(mtls.root.glob(f"{token}.*.started")), "a job to start")
         time.sleep(0.5)  # both watches are surely under way
         assert bob.poll() is None and dave.poll() is None
         mark = len(log_lines(mtls, "server"))
@@ -262,13 +267,13 @@ def test_revoking_an_operator_cuts_off_their_watch(mtls: Cluster, pki: Pki) -> N
             after=mark,
         )
         assert dave.poll() is None, "dave's watch goes on"
-        # Bob stays out; dave's watch sees the job end.
+        # Bob stays out; dave's watch sees his job end.
         proc = api_cli(mtls, pki, "bob", "manage", "--list-nodes")
         assert proc.returncode == 3, proc.stdout + proc.stderr
         flag.touch()
         out, err = dave.communicate(timeout=60)
         assert dave.returncode == 0, err
-        assert token in out
+        assert f"{token}-dave" in out
     finally:
         for proc in (bob, dave):
             if proc.poll() is None:
