@@ -73,7 +73,7 @@ class Revocations:
         self.path = path or str(Path(ca_path).with_name("crl.pem"))
         self.explicit = bool(path)
         self.version = 0
-        self._stamp: tuple[int, int] | None = (-1, -1)  # None: no file; (-1, -1): not read yet
+        self._stamp: tuple[int, ...] | None = ()  # None: no file; (): not looked at yet
         self._serials: set[int] = set()
         self._error = ""
 
@@ -85,7 +85,9 @@ class Revocations:
         """
         try:
             st = os.stat(self.path)
-            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            # The inode too: `pki revoke` replaces the file, so even a rewrite within
+            # the clock's resolution and of the same size is seen.
+            stamp: tuple[int, ...] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:

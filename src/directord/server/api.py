@@ -32,7 +32,7 @@ from cryptography import x509
 from directord import __version__
 from directord.errors import CertificateError, ConfigError, DirectordError, ProtocolError
 from directord.protocol import Envelope, FrameDecoder, frame
-from directord.security.pki import common_name
+from directord.security.pki import common_name, describe
 from directord.security.tls import (
     Revocations,
     RevocationWatch,
@@ -85,7 +85,8 @@ class APIServer:
         if settings.api_bind:
             context = server_tls_context(settings.ca, settings.cert, settings.key)
             # The context holds the CRL of start-up time; this one follows the file, so
-            # a certificate revoked while the server runs is refused at its next connection.
+            # a certificate revoked while the server runs is refused at its next
+            # connection, and the watch below cuts off the connections it holds.
             self._revocations = Revocations(settings.ca)
             self._revocations.serials()
             try:
@@ -171,8 +172,7 @@ class APIServer:
         except CertificateError as exc:  # a damaged CRL refuses everyone rather than no one
             return cert, str(exc)
         if cert.serial_number in revoked:
-            name = common_name(cert)
-            return cert, f"certificate {name!r} (serial {cert.serial_number:x}) is revoked"
+            return cert, f"{describe(cert)} is revoked"
         # A node's certificate is as valid as an operator's to TLS: only the operator
         # mark tells them apart, and only operators may use the API.
         return cert, operator_refusal(cert)
