@@ -70,6 +70,12 @@ class Settings:
         "server datastore URL: memory, file:///DIR, sqlite:///FILE, redis[s]://HOST:PORT/DB",
         "server",
     )
+    file_store: str = _opt(
+        "",
+        "directory of the files uploaded for COPY/ADD jobs (default: files/ beside an "
+        "sqlite or file datastore, else /var/lib/directord/files)",
+        "server",
+    )
     machine_id: str = _opt(
         "", "machine id reported by the client (default /etc/machine-id)", "client"
     )

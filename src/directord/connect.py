@@ -20,10 +20,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from directord.config import Settings
-from directord.errors import APIError, ConfigError, ProtocolError, ServerUnavailable
+from directord.errors import (
+    APIError,
+    ConfigError,
+    OrchestrationError,
+    ProtocolError,
+    ServerUnavailable,
+)
+from directord.models import SourceFile
 from directord.protocol import Envelope, FrameDecoder, frame
 
 DEFAULT_SOCKET = "/var/run/directord.sock"
+#: Bytes per ``file_put`` (the server takes at most this much at once).
+UPLOAD_CHUNK = 1024 * 1024
 
 
 class APIClient:
@@ -182,6 +191,114 @@ class APIClient:
             yield event
 
 
+def prepare_files(
+    orchestrations: list[dict[str, Any]], cwd: str, restrict: list[str] | None = None
+) -> tuple[list[dict[str, Any]], list[SourceFile]]:
+    """Find each job's files here, with this process's rights; the server never reads a path.
+
+    Returns the orchestrations with ``files`` (name, size, sha256) added to the jobs
+    that carry some, and the files to upload. Jobs that ``restrict`` filters out
+    upload nothing.
+
+    Raises:
+        OrchestrationError: a file is missing or unreadable (file and line named).
+    """
+    from directord.components import build_job
+
+    out: list[dict[str, Any]] = []
+    sources: list[SourceFile] = []
+    for orch in orchestrations:
+        jobs = []
+        for index, job in enumerate(orch.get("jobs") or []):
+            line = job.get("line")
+            spec = build_job(
+                str(job["verb"]),
+                str(job.get("args", "")),
+                job_vars=job.get("vars"),
+                cwd=cwd,
+                where=str(orch.get("source") or "<library>"),
+                line=int(line) if line is not None else index + 1,
+            )
+            if spec.files:
+                job = {**job, "files": [f.to_dict() for f in spec.files]}
+                if not restrict or any(spec.sha.startswith(r) for r in restrict):
+                    sources.extend(spec.sources)
+            jobs.append(job)
+        out.append({**orch, "jobs": jobs})
+    return out, sources
+
+
+async def upload_files(client: APIClient, sources: list[SourceFile]) -> None:
+    """Upload each distinct file once, checking it still is what was hashed.
+
+    Raises:
+        OrchestrationError: a file became unreadable or changed since it was hashed.
+        APIError: the server refused an upload.
+    """
+    done: set[str] = set()
+    for source in sources:
+        if source.ref.sha256 not in done:
+            await _upload(client, source)
+            done.add(source.ref.sha256)
+
+
+async def _upload(client: APIClient, source: SourceFile) -> None:
+    ref = source.ref
+    try:
+        fh = await asyncio.to_thread(open, source.path, "rb")
+    except OSError as exc:
+        raise OrchestrationError(f"cannot read: {exc.strerror}", path=source.path) from None
+    with fh:
+        offset = 0
+        while True:
+            data = await asyncio.to_thread(fh.read, min(UPLOAD_CHUNK, ref.size - offset))
+            if (not data and offset < ref.size) or (offset + len(data) > ref.size):
+                raise OrchestrationError("the file changed while it was sent", path=source.path)
+            await client.call(
+                "file_put",
+                {"sha256": ref.sha256, "size": ref.size, "offset": offset, "data": data},
+            )
+            offset += len(data)
+            if offset >= ref.size:
+                return
+
+
+async def submit(
+    client: APIClient,
+    orchestrations: list[dict[str, Any]],
+    *,
+    targets: list[str] | None = None,
+    restrict: list[str] | None = None,
+    ignore_cache: bool = False,
+    force_async: bool = False,
+    stream: bool = False,
+    cwd: str | None = None,
+) -> list[dict[str, Any]]:
+    """Upload the jobs' files, then submit; returns one record per orchestration run.
+
+    Relative file names are found from ``cwd`` (the current directory by default).
+
+    Raises:
+        OrchestrationError: a bad job or an unreadable file, before anything is sent.
+        APIError: the server refused the submission.
+    """
+    prepared, sources = prepare_files(orchestrations, cwd or os.getcwd(), restrict)
+    await upload_files(client, sources)
+    reply = await client.call(
+        "submit",
+        {
+            "orchestrations": prepared,
+            "targets": targets or [],
+            "restrict": restrict or [],
+            "ignore_cache": ignore_cache,
+            "force_async": force_async,
+            "stream": stream,
+        },
+    )
+    parents: list[dict[str, Any]] = reply["parents"]
+    return parents
+
+
 def client_for(settings: Settings) -> APIClient:
     """The API client the settings describe: the local socket, or TLS over TCP."""
     if settings.api_url:
@@ -260,20 +377,21 @@ class DirectordConnect:
         force_async: bool = False,
         stream: bool = False,
     ) -> list[dict[str, Any]]:
-        """Submit normalised orchestrations; returns one record per orchestration run."""
-        reply = self._call(
-            "submit",
-            {
-                "orchestrations": orchestrations,
-                "targets": targets or [],
-                "restrict": restrict or [],
-                "ignore_cache": ignore_cache,
-                "force_async": force_async,
-                "stream": stream,
-                "cwd": os.getcwd(),
-            },
+        """Submit normalised orchestrations; returns one record per orchestration run.
+
+        Files of COPY/ADD jobs are read here, with this process's rights, and uploaded.
+        """
+        parents: list[dict[str, Any]] = self._runner.run(
+            submit(
+                self._client,
+                orchestrations,
+                targets=targets,
+                restrict=restrict,
+                ignore_cache=ignore_cache,
+                force_async=force_async,
+                stream=stream,
+            )
         )
-        parents: list[dict[str, Any]] = reply["parents"]
         return parents
 
     def orchestrate(

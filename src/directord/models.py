@@ -39,15 +39,49 @@ class State(enum.StrEnum):
 TRANSIENT_OPTIONS = frozenset({"skip_cache", "ignore_cache", "force_lock", "exec_help"})
 
 
-def job_sha(verb: str, options: dict[str, Any], timeout: float, run_once: bool) -> str:
-    """SHA3-224 over a job's definition, before targets and ids are added."""
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """A file a job carries (COPY/ADD): what the node fetches, checks and names.
+
+    The server knows a file only by these three; its content is uploaded by the
+    user who submits the job and kept by SHA-256 (server/filestore.py).
+    """
+
+    name: str
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire and API form."""
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A job's file on the submitting machine, read there with the submitter's rights."""
+
+    path: str
+    ref: FileRef
+
+
+def job_sha(
+    verb: str,
+    options: dict[str, Any],
+    timeout: float,
+    run_once: bool,
+    files: tuple[FileRef, ...] = (),
+) -> str:
+    """SHA3-224 over a job's definition (its files by content), before targets and ids."""
     body = {k: v for k, v in options.items() if k not in TRANSIENT_OPTIONS}
-    blob = json.dumps(
-        {"verb": verb, "options": body, "timeout": timeout, "run_once": run_once},
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
-    )
+    definition: dict[str, Any] = {
+        "verb": verb,
+        "options": body,
+        "timeout": timeout,
+        "run_once": run_once,
+    }
+    if files:
+        definition["files"] = [f.to_dict() for f in files]
+    blob = json.dumps(definition, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha3_224(blob.encode()).hexdigest()
 
 
@@ -64,6 +98,9 @@ class JobSpec:
     name: str = ""
     assign: tuple[str, ...] = ()
     vars: dict[str, Any] = field(default_factory=dict)
+    #: the job's files; ``sources`` says where they are on the submitting machine
+    files: tuple[FileRef, ...] = ()
+    sources: tuple[SourceFile, ...] = ()
 
 
 class JobWire(TypedDict, total=False):

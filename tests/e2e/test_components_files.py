@@ -232,15 +232,15 @@ def test_copy_no_match_is_rejected_before_submit(cluster: Cluster) -> None:
     assert len(cluster.json("manage", "--list-jobs")) == before
 
 
-def test_copy_checksum_is_verified_on_the_node(cluster: Cluster) -> None:
+def test_copy_sends_the_content_as_submitted_not_as_later_changed(cluster: Cluster) -> None:
+    # The CLI reads and uploads the file at submit time (with the submitter's rights);
+    # a later change of the source on the submitting machine does not reach the nodes.
     tok = token()
-    src = cluster.root / f"cs-{tok}.bin"
+    src = cluster.root / f"snap-{tok}.bin"
     src.write_bytes(b"original content " + tok.encode())
-    go = cluster.root / f"cs-go-{tok}"
-    dest = cluster.root / f"cs-dest-{tok}"
+    go = cluster.root / f"snap-go-{tok}"
+    dest = cluster.root / f"snap-dest-{tok}"
     dest.mkdir()
-    # The first job holds node0's lane until `go` exists, so the file is hashed at submit
-    # time but fetched only after the test has changed it underneath the server.
     parents = submit(
         cluster,
         [
@@ -255,7 +255,40 @@ def test_copy_checksum_is_verified_on_the_node(cluster: Cluster) -> None:
         "node0",
     )
     run_id, copy_id = parents[0]["jobs"]
-    src.write_bytes(b"tampered content " + tok.encode())  # same size, other bytes
+    src.write_bytes(b"tampered content " + tok.encode())
+    go.touch()
+    assert poll_job(cluster, run_id)["results"]["node0"]["state"] == "success"
+    assert poll_job(cluster, copy_id)["results"]["node0"]["state"] == "success"
+    assert (dest / "copy.bin").read_bytes() == b"original content " + tok.encode()
+
+
+def test_copy_checksum_is_verified_on_the_node(cluster: Cluster) -> None:
+    tok = token()
+    content = b"original content " + tok.encode()
+    src = cluster.root / f"cs-{tok}.bin"
+    src.write_bytes(content)
+    go = cluster.root / f"cs-go-{tok}"
+    dest = cluster.root / f"cs-dest-{tok}"
+    dest.mkdir()
+    # The first job holds node0's lane until `go` exists, so the file is uploaded at
+    # submit time but fetched only after the test has damaged the server's copy.
+    parents = submit(
+        cluster,
+        [
+            {
+                "jobs": [
+                    {"RUN": f"for i in $(seq 1200); do [ -e {go} ] && break; sleep 0.05; done"},
+                    {"COPY": f"{src} {dest}/copy.bin"},
+                ]
+            }
+        ],
+        "--target",
+        "node0",
+    )
+    run_id, copy_id = parents[0]["jobs"]
+    sha = hashlib.sha256(content).hexdigest()
+    stored = cluster.root / "files" / sha[:2] / sha
+    stored.write_bytes(b"tampered content " + tok.encode())  # same size, other bytes
     go.touch()
     assert poll_job(cluster, run_id)["results"]["node0"]["state"] == "success"
     r = poll_job(cluster, copy_id)["results"]["node0"]

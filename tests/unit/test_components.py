@@ -12,8 +12,9 @@ import pytest
 from directord.agent.cache import EVICTABLE
 from directord.components import ExecHelp, build_job, get_component, known_verbs
 from directord.components.base import DEFAULT_TIMEOUT, split_leading_options
+from directord.components.copy import per_node_identity
 from directord.errors import ComponentArgsError, OrchestrationError
-from directord.models import TRANSIENT_OPTIONS, job_sha
+from directord.models import TRANSIENT_OPTIONS, FileRef, SourceFile, job_sha
 
 BUILTINS = [
     "ADD",
@@ -317,42 +318,74 @@ def test_copy_errors(verb: str, args: str, words: str) -> None:
     bad(verb, args, words)
 
 
-def test_copy_prepare_globs_and_hashes(tmp_path: Path) -> None:
+def test_copy_source_files_globs_and_hashes(tmp_path: Path) -> None:
     (tmp_path / "a.conf").write_bytes(b"alpha\n")
     (tmp_path / "b.conf").write_bytes(b"")
     (tmp_path / "c.txt").write_bytes(b"other")
     (tmp_path / "dir.conf").mkdir()
     component = get_component("COPY")
-    options = component.prepare(component.parse("*.conf /dest/"), str(tmp_path))
-    assert options["_files"] == [
-        {
-            "path": str(tmp_path / "a.conf"),
-            "name": "a.conf",
-            "size": 6,
-            "sha256": hashlib.sha256(b"alpha\n").hexdigest(),
-        },
-        {
-            "path": str(tmp_path / "b.conf"),
-            "name": "b.conf",
-            "size": 0,
-            "sha256": hashlib.sha256(b"").hexdigest(),
-        },
+    files = component.source_files(component.parse("*.conf /dest/"), str(tmp_path))
+    assert files == [
+        SourceFile(
+            str(tmp_path / "a.conf"),
+            FileRef("a.conf", 6, hashlib.sha256(b"alpha\n").hexdigest()),
+        ),
+        SourceFile(str(tmp_path / "b.conf"), FileRef("b.conf", 0, hashlib.sha256(b"").hexdigest())),
     ]
 
 
-def test_copy_prepare_without_matches(tmp_path: Path) -> None:
+def test_copy_source_files_without_matches(tmp_path: Path) -> None:
     component = get_component("COPY")
     with pytest.raises(ComponentArgsError, match="no file matches"):
-        component.prepare(component.parse("*.none /dest/"), str(tmp_path))
+        component.source_files(component.parse("*.none /dest/"), str(tmp_path))
+
+
+def test_per_node_copy_never_takes_a_reserved_or_invalid_name(tmp_path: Path) -> None:
+    # The server's own secret sits beside the nodes' (ZeroMQ key layout): a per-node
+    # COPY must not even upload it, nor the shared client key, nor the CA's key.
+    for name in ("node1", "web.example.net", "server", "client", "ca", "-x", ".hidden"):
+        (tmp_path / f"{name}.key_secret").write_text(name)
+    component = get_component("COPY")
+    options = component.parse(f"--per-node {tmp_path}/{{identity}}.key_secret /keys/")
+    names = [f.ref.name for f in component.source_files(options, "/")]
+    assert names == ["node1.key_secret", "web.example.net.key_secret"]
+
+
+@pytest.mark.parametrize(
+    ("src", "name", "identity"),
+    [
+        ("{identity}.key_secret", "node1.key_secret", "node1"),
+        ("/k/{identity}.key_secret", "server.key_secret", None),
+        ("/k/{identity}.key_secret", "CLIENT.key_secret", None),
+        ("a-{identity}-{identity}.pem", "a-n1-n1.pem", "n1"),
+        ("a-{identity}-{identity}.pem", "a-n1-n2.pem", None),
+        ("{identity}.pem", "x y.pem", None),
+        ("plain.pem", "plain.pem", None),
+    ],
+)
+def test_per_node_identity(src: str, name: str, identity: str | None) -> None:
+    assert per_node_identity(src, name) == identity
 
 
 def test_build_job_prepares_copy_and_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     spec = build_job("COPY", "f /etc/f", cwd=str(tmp_path))
-    assert [f["name"] for f in spec.options["_files"]] == ["f"]
+    assert [f.name for f in spec.files] == ["f"]
+    assert [s.path for s in spec.sources] == [str(tmp_path / "f")]
+    # The server builds the same job from the uploaded refs alone: same fingerprint.
+    again = build_job("COPY", "f /etc/f", prepare=False, files=spec.files)
+    assert again.sha == spec.sha and again.sources == ()
+    # A file's content is part of what the job is.
+    (tmp_path / "f").write_text("y")
+    assert build_job("COPY", "f /etc/f", cwd=str(tmp_path)).sha != spec.sha
     with pytest.raises(OrchestrationError) as info:
         build_job("COPY", "missing /etc/f", cwd=str(tmp_path), where="x.yaml", line=7)
     assert (info.value.path, info.value.line) == ("x.yaml", 7)
+
+
+def test_only_a_file_component_takes_files() -> None:
+    with pytest.raises(OrchestrationError, match="RUN takes no files"):
+        build_job("RUN", "true", prepare=False, files=[FileRef("f", 1, "0" * 64)])
 
 
 def test_cachefile() -> None:

@@ -31,7 +31,7 @@ from directord import orchestration
 from directord.cli.jobs import OK_STATES, _report
 from directord.cli.manage import _analysis, _nodes_table
 from directord.config import Settings
-from directord.connect import APIClient
+from directord.connect import APIClient, submit
 from directord.localcluster import ClusterError, LocalCluster
 
 DATA_FILES = ("demo.yaml", "motd.j2", "facts.yaml")
@@ -90,8 +90,7 @@ async def _run(
     """Submit orchestrations and wait for them; return (parents, result events)."""
     results: list[dict[str, Any]] = []
     async with APIClient(socket_path) as client:
-        reply = await client.call("submit", {"orchestrations": orchs, "cwd": str(cwd)})
-        parents: list[dict[str, Any]] = reply["parents"]
+        parents = await submit(client, orchs, cwd=str(cwd))
         async for event in client.watch(parents=[p["id"] for p in parents]):
             if event.get("ev") == "result":
                 results.append(event)

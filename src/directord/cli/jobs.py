@@ -12,7 +12,7 @@ from directord import orchestration
 from directord.cli.render import first_line, seconds, table, to_json
 from directord.components import ExecHelp, build_job
 from directord.config import Settings
-from directord.connect import client_for
+from directord.connect import client_for, submit
 
 OK_STATES = ("success", "skipped-cache")
 FULL_TABLE_LIMIT = 50
@@ -98,19 +98,15 @@ async def _submit_and_follow(
     ns: argparse.Namespace, settings: Settings, orchs: list[dict[str, Any]]
 ) -> int:
     async with client_for(settings) as client:
-        reply = await client.call(
-            "submit",
-            {
-                "orchestrations": orchs,
-                "targets": ns.target,
-                "restrict": getattr(ns, "restrict", []),
-                "ignore_cache": getattr(ns, "ignore_cache", False),
-                "force_async": ns.force_async,
-                "stream": ns.stream,
-                "cwd": os.getcwd(),
-            },
+        parents = await submit(
+            client,
+            orchs,
+            targets=ns.target,
+            restrict=getattr(ns, "restrict", []),
+            ignore_cache=getattr(ns, "ignore_cache", False),
+            force_async=ns.force_async,
+            stream=ns.stream,
         )
-        parents = reply["parents"]
         if not (ns.wait or ns.poll or ns.stream):
             if ns.format == "json":
                 print(to_json(parents))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from directord.components.base import Component, ExecHelp
 from directord.errors import ComponentArgsError, OrchestrationError
-from directord.models import JobSpec, job_sha
+from directord.models import FileRef, JobSpec, SourceFile, job_sha
 
 __all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs", "preload"]
 
@@ -118,10 +118,16 @@ def build_job(
     skip_cache: bool = False,
     cwd: str = "/",
     prepare: bool = True,
+    files: Sequence[FileRef] = (),
     where: str = "<exec>",
     line: int | None = None,
 ) -> JobSpec:
     """Parse and prepare one job; raise OrchestrationError naming where it came from.
+
+    With ``prepare`` (the CLI and the library) the submit-side step runs here: it
+    finds and hashes a COPY's files with this process's rights. Without it (the
+    server, which never opens a user's path) ``files`` are the job's files as the
+    submitter found and uploaded them.
 
     Raises:
         OrchestrationError: unknown verb or bad arguments (``where``/``line`` say where).
@@ -129,24 +135,32 @@ def build_job(
     """
     if job_vars is not None and not isinstance(job_vars, Mapping):
         raise OrchestrationError("vars must be a mapping", path=where, line=line)
+    sources: list[SourceFile] = []
     try:
         component = get_component(verb)
         options = component.parse(argstring, job_vars)
         if prepare:
             options = component.prepare(options, cwd)
+            sources = component.source_files(options, cwd)
+            files = [s.ref for s in sources]
+        elif files and not component.takes_files:
+            raise ComponentArgsError(f"{verb.upper()} takes no files")
     except ComponentArgsError as exc:
         raise OrchestrationError(str(exc), path=where, line=line) from None
     timeout = float(options.pop("timeout"))
     run_once = bool(options.pop("run_once"))
     skip = bool(options.pop("skip_cache")) or skip_cache
+    refs = tuple(files)
     return JobSpec(
         verb=verb.upper(),
         options=options,
-        sha=job_sha(verb.upper(), options, timeout, run_once),
+        sha=job_sha(verb.upper(), options, timeout, run_once, refs),
         timeout=timeout,
         run_once=run_once,
         skip_cache=skip,
         name=name,
         assign=assign,
         vars=dict(job_vars or {}),
+        files=refs,
+        sources=tuple(sources),
     )

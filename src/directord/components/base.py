@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol
 
 from directord.errors import ComponentArgsError
-from directord.models import State
+from directord.models import SourceFile, State
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -189,6 +189,9 @@ class Component(ABC):
     # Components that mutate shared node state or depend on order (ARG, QUERY ...)
     # may ask for the node's exclusive lock; users can force it with --force-lock.
     needs_lock: ClassVar[bool] = False
+    # Components whose jobs carry files (COPY/ADD) read them where the job is
+    # submitted, with the submitter's rights (source_files); the server never does.
+    takes_files: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._parser = self._build_parser()
@@ -260,6 +263,17 @@ class Component(ABC):
     def prepare(self, options: dict[str, Any], cwd: str) -> dict[str, Any]:
         """Submit-side step with I/O on the submitting machine (override)."""
         return options
+
+    def source_files(self, options: dict[str, Any], cwd: str) -> list[SourceFile]:
+        """The files this job carries, found and hashed on the submitting machine.
+
+        Runs in the CLI or library, as the user who submits; they upload the
+        content. Only components with ``takes_files`` override it.
+
+        Raises:
+            ComponentArgsError: a source is missing or unreadable.
+        """
+        return []
 
     @abstractmethod
     async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:

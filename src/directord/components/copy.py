@@ -1,8 +1,11 @@
 """ADD and COPY: send files from the submitting machine to the nodes.
 
-The source glob is expanded where the job is submitted; each matching file is
-hashed there and only those files can ever be fetched by a node, and only by
-a node the job targets. Files stream in 1 MiB chunks into a temporary file
+The source glob is expanded where the job is submitted, with the rights of
+the user who submits it: the CLI (or library) hashes and uploads each
+matching file, and the server keeps it by SHA-256; it never opens a path a
+user named. Only those files can ever be fetched by a node, and only by a
+node the job targets; with ``--per-node``, each node only the file named
+after it. Files stream in 1 MiB chunks into a temporary file
 beside the destination, are checked against their SHA-256 and then renamed
 into place. A destination whose content already matches is not transferred.
 ``--blueprint`` renders the file with the node's cached args first.
@@ -16,12 +19,15 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import tempfile
 from typing import Any, ClassVar
 
 from directord.components.base import Component, ExecContext, Outcome
 from directord.components.files import apply_owner_mode, open_regular, owner_ids, parse_mode
 from directord.errors import ComponentArgsError, ComponentError
+from directord.models import FileRef, SourceFile
+from directord.security.identities import identity_problem
 
 BLUEPRINT_LIMIT = 16 * 1024 * 1024
 
@@ -38,6 +44,21 @@ def sha256_file(path: str) -> str:
 def per_node_name(src: str, identity: str) -> str:
     """The file name a node may receive from a ``--per-node`` COPY."""
     return os.path.basename(src).replace("{identity}", identity)
+
+
+def per_node_identity(src: str, name: str) -> str | None:
+    """The node a ``--per-node`` file is for, or None when no node may have it.
+
+    ``name`` must be the SRC file name with one identity in every ``{identity}``,
+    and that identity must be one a node may register under (not ``server``,
+    ``client`` or ``ca``).
+    """
+    parts = [re.escape(p) for p in os.path.basename(src).split("{identity}")]
+    match = re.fullmatch("(.+?)".join(parts[:2]) + "".join(r"\1" + p for p in parts[2:]), name)
+    if match is None or len(parts) < 2:
+        return None
+    identity = match.group(1)
+    return None if identity_problem(identity) else identity
 
 
 def _sha256_fd(fd: int) -> str:
@@ -99,6 +120,7 @@ class Copy(Component):
 
     verb: ClassVar[str] = "COPY"
     summary: ClassVar[str] = "Copy files matching SRC_GLOB to DEST on the nodes."
+    takes_files: ClassVar[bool] = True
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -127,27 +149,26 @@ class Copy(Component):
                 f"{self.verb}: --per-node needs {{identity}} in the file name of SRC"
             )
 
-    def prepare(self, options: dict[str, Any], cwd: str) -> dict[str, Any]:
+    def source_files(self, options: dict[str, Any], cwd: str) -> list[SourceFile]:
+        per_node = bool(options.get("per_node"))
         pattern = os.path.join(cwd, os.path.expanduser(options["src"])).replace("{identity}", "*")
         matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
-        if not matches and not options.get("per_node"):
+        if per_node:
+            # Only files named for a possible node: never server.key_secret or the
+            # shared client.key_secret, which no node may register as.
+            matches = [p for p in matches if per_node_identity(options["src"], os.path.basename(p))]
+        if not matches and not per_node:
             raise ComponentArgsError(f"{self.verb}: no file matches {options['src']!r}")
         files = []
         for path in matches:
             try:
-                files.append(
-                    {
-                        "path": os.path.abspath(path),
-                        "name": os.path.basename(path),
-                        "size": os.path.getsize(path),
-                        "sha256": sha256_file(path),
-                    }
-                )
+                ref = FileRef(os.path.basename(path), os.path.getsize(path), sha256_file(path))
             except OSError as exc:
                 raise ComponentArgsError(
                     f"{self.verb}: cannot read {path}: {exc.strerror}"
                 ) from None
-        return {**options, "_files": files}
+            files.append(SourceFile(os.path.abspath(path), ref))
+        return files
 
     async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:
         files = ctx.files

@@ -41,7 +41,10 @@ class JobWait(Component):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(options["job_timeout"])
         while True:
-            status = await ctx.request("job_status", {"sha": sha, "identities": nodes})
+            # The server answers only what this very job (sent to this node) names.
+            status = await ctx.request(
+                "job_status", {"job": ctx.job_id, "sha": sha, "identities": nodes}
+            )
             if all(status.get(n) for n in nodes):
                 bad = {n: s for n, s in status.items() if not State(s).ok}
                 if bad:

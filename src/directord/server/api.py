@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import logging
 import math
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,7 @@ from directord.security.tls import (
     server_tls_context,
 )
 from directord.server import analysis
+from directord.server.filestore import UploadSession
 
 if TYPE_CHECKING:
     from directord.server.app import Server
@@ -228,6 +231,7 @@ class APIServer:
             return
         self._conns.add(task)
         decoder = FrameDecoder()
+        uploads = UploadSession(self.server.files)
         try:
             while True:
                 data = await self._read(reader, writer)
@@ -235,7 +239,7 @@ class APIServer:
                     break
                 for batch in decoder.feed(data):
                     for request in batch:
-                        await self._dispatch(request, writer)
+                        await self._dispatch(request, writer, uploads)
         except ProtocolError as exc:
             log.warning("API client sent a bad request: %s; closing it", exc)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -243,12 +247,15 @@ class APIServer:
         except asyncio.CancelledError:
             pass
         finally:
+            uploads.close()
             self._conns.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _dispatch(self, request: Envelope, writer: asyncio.StreamWriter) -> None:
+    async def _dispatch(
+        self, request: Envelope, writer: asyncio.StreamWriter, uploads: UploadSession
+    ) -> None:
         rid = request.get("rid")
         method = str(request.get("m", ""))
         params = request.get("p") or {}
@@ -258,7 +265,13 @@ class APIServer:
             if method == "watch":
                 await self._watch(rid, params, writer)
                 return
-            handler = getattr(self, f"_m_{method}", None)
+            handler: Callable[[dict[str, Any]], Awaitable[Any]] | None
+            if method == "file_put":
+                handler = functools.partial(self._file_put, uploads)
+            elif method == "submit":
+                handler = functools.partial(self._submit, uploads)
+            else:
+                handler = getattr(self, f"_m_{method}", None)
             if handler is None:
                 raise ProtocolError(f"unknown API method {method!r}")
             result = await handler(params)
@@ -307,8 +320,14 @@ class APIServer:
     async def _m_ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"version": __version__, "address": self.server.address}
 
-    async def _m_submit(self, params: dict[str, Any]) -> dict[str, Any]:
-        return await self.server.submit(params)
+    async def _submit(self, uploads: UploadSession, params: dict[str, Any]) -> dict[str, Any]:
+        return await self.server.submit(params, frozenset(uploads.proven))
+
+    async def _file_put(self, uploads: UploadSession, params: dict[str, Any]) -> dict[str, Any]:
+        """One piece of a file for a COPY/ADD job, uploaded by the submitting user."""
+        return uploads.put(
+            params.get("sha256"), params.get("size"), params.get("offset"), params.get("data")
+        )
 
     async def _m_nodes(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         return self.server.nodes.listing()
@@ -351,6 +370,10 @@ class APIServer:
     async def _m_purge_jobs(self, params: dict[str, Any]) -> dict[str, Any]:
         count = self.server.jobs.purge()
         await self.server.persister.drain()
+        # Uploaded files that no remaining job carries go too.
+        self.server.files.keep_only(
+            f.get("sha256", "") for job in self.server.jobs.jobs.values() for f in job.files
+        )
         return {"purged": count}
 
     async def _m_purge_nodes(self, params: dict[str, Any]) -> dict[str, Any]:

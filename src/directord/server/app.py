@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ from directord.components.copy import per_node_name
 from directord.config import Settings
 from directord.datastores import Datastore, open_datastore
 from directord.errors import ConfigError, OrchestrationError
-from directord.models import State
+from directord.models import FileRef, State
 from directord.protocol import pack
 from directord.server.api import APIServer
+from directord.server.filestore import FileStore, check_sha256, default_root
 from directord.server.jobs import JOBS, PARENTS, RESULTS, JobBook, PlannedJob
 from directord.server.nodes import NS as NODES
 from directord.server.nodes import NodeRegistry
@@ -32,6 +35,8 @@ from directord.transports import Connection, Link, Transport, load_transport
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
+DEFAULT_FILE_STORE = "/var/lib/directord/files"
+MAX_JOB_FILES = 100_000
 
 
 class Server:
@@ -51,6 +56,12 @@ class Server:
         if "nodes" in activated:
             self.transport.adopt(activated["nodes"])
         self.store = store or open_datastore(settings.datastore)
+        self._private_files: str | None = None
+        root = settings.file_store or default_root(settings.datastore)
+        if root is None and settings.datastore == "memory":
+            # Nothing outlives the server with a memory datastore, its files neither.
+            root = self._private_files = tempfile.mkdtemp(prefix="directord-files-")
+        self.files = FileStore(root or DEFAULT_FILE_STORE)
         self.persister = Persister(self.store)
         self.nodes = NodeRegistry(self.persister)
         self.jobs = JobBook(self.persister, settings.job_timeout_grace)
@@ -70,6 +81,7 @@ class Server:
     async def start(self) -> None:
         """Open the datastore, load history, listen for nodes and users."""
         preload()  # components: the first submission should not pay for their imports
+        self.files.start()
         await self.store.start()
         self.nodes.load(await self.store.scan(NODES))
         self.jobs.load(
@@ -132,6 +144,8 @@ class Server:
         await self.transport.close()
         await self.persister.close()
         await self.store.close()
+        if self._private_files is not None:
+            shutil.rmtree(self._private_files, ignore_errors=True)
         self._stopped.set()
 
     # ---- nodes -----------------------------------------------------------------------
@@ -223,19 +237,23 @@ class Server:
                 log.exception("sweeper pass failed")
 
     # ---- submission ------------------------------------------------------------------
-    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def submit(
+        self, request: dict[str, Any], uploaded: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         """Validate, record and dispatch orchestrations from the user API.
 
+        Args:
+            request: the ``submit`` parameters.
+            uploaded: SHA-256 of the files the submitting connection uploaded; a job
+                may carry only those (the server never reads a user's path).
+
         Raises:
-            OrchestrationError: bad job, unknown target, no nodes; nothing is stored then.
+            OrchestrationError: bad job, unknown target, no nodes, a file that was not
+                uploaded; nothing is stored then.
         """
-        # Building jobs may hash large files (COPY), so it runs in a thread; it
-        # gets a snapshot of the registry, which only the event loop mutates.
         try:
-            plans = await asyncio.to_thread(
-                self._plan, request, set(self.nodes.records), self.nodes.online()
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
+            plans = self._plan(request, set(self.nodes.records), self.nodes.online(), uploaded)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise OrchestrationError(
                 f"malformed submit request: {type(exc).__name__} {exc}", path="<api>"
             ) from None
@@ -267,9 +285,8 @@ class Server:
         return {"parents": out}
 
     def _plan(
-        self, request: dict[str, Any], known: set[str], online: list[str]
+        self, request: dict[str, Any], known: set[str], online: list[str], uploaded: frozenset[str]
     ) -> list[tuple[str, bool, list[PlannedJob]]]:
-        cwd = str(request.get("cwd") or "/")
         cli_targets = [str(t) for t in request.get("targets") or []]
         restrict = [str(r) for r in request.get("restrict") or []]
         ignore_cache = bool(request.get("ignore_cache"))
@@ -289,6 +306,7 @@ class Server:
             planned = []
             for j_index, job in enumerate(orch.get("jobs") or []):
                 line = job.get("line")
+                line_no = int(line) if line is not None else j_index + 1
                 spec = build_job(
                     str(job["verb"]),
                     str(job.get("args", "")),
@@ -296,9 +314,10 @@ class Server:
                     name=str(job.get("name") or ""),
                     assign=tuple(str(a) for a in job.get("assign") or ()),
                     skip_cache=ignore_cache,
-                    cwd=cwd,
+                    prepare=False,
+                    files=_file_refs(job.get("files"), uploaded, where, line_no),
                     where=where,
-                    line=int(line) if line is not None else j_index + 1,
+                    line=line_no,
                 )
                 if restrict and not any(spec.sha.startswith(r) for r in restrict):
                     continue
@@ -314,9 +333,15 @@ class Server:
                     raise OrchestrationError("no target nodes: none is online", path=where)
                 if spec.run_once:
                     targets = targets[:1]
-                files = spec.options.pop("_files", [])
+                targets = list(dict.fromkeys(targets))
+                files = list(spec.files)
+                if spec.options.get("per_node"):
+                    # Only the targets' own files are kept, so no other node's can be had.
+                    src = str(spec.options.get("src", ""))
+                    names = {per_node_name(src, t) for t in targets}
+                    files = [f for f in files if f.name in names]
                 planned.append(
-                    PlannedJob(spec=spec, targets=list(dict.fromkeys(targets)), files=files)
+                    PlannedJob(spec=spec, targets=targets, files=[f.to_dict() for f in files])
                 )
             if planned:
                 plans.append(
@@ -375,7 +400,7 @@ class Server:
         if method == "chunk":
             return await self._chunk(identity, params)
         if method == "job_status":
-            return self._job_status(params)
+            return self._job_status(identity, params)
         raise OrchestrationError(f"unknown node request {method!r}", path="<node>")
 
     async def _chunk(self, identity: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -384,8 +409,8 @@ class Server:
             log.warning("node %s asked for a file of a job not targeting it; refused", identity)
             raise OrchestrationError("no such job for this node", path="<node>")
         index, offset = int(params.get("index", -1)), int(params.get("offset", -1))
-        if not 0 <= index < len(job.files) or offset < 0:
-            raise OrchestrationError("no such file in this job", path="<node>")
+        if not 0 <= index < len(job.files) or not 0 <= offset <= int(job.files[index]["size"]):
+            raise OrchestrationError("no such file or offset in this job", path="<node>")
         if job.options.get("per_node") and job.files[index]["name"] != per_node_name(
             str(job.options.get("src", "")), identity
         ):
@@ -395,14 +420,36 @@ class Server:
                 job.files[index]["name"],
             )
             raise OrchestrationError("that file is not for this node", path="<node>")
-        path = job.files[index]["path"]
-        size = min(int(params.get("size", CHUNK)), CHUNK)
-        data = await asyncio.to_thread(_read_chunk, path, offset, size)
+        # Clamped: a node asks for at most CHUNK bytes, and a negative size would read it all.
+        size = max(1, min(int(params.get("size", CHUNK)), CHUNK))
+        sha256 = str(job.files[index].get("sha256", ""))
+        data = await self.files.read(sha256, offset, size)
         return {"data": data, "eof": offset + len(data) >= job.files[index]["size"]}
 
-    def _job_status(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _job_status(self, asker: str, params: dict[str, Any]) -> dict[str, Any]:
+        """States of a job (by fingerprint) on some nodes, for a JOB_WAIT job of ``asker``.
+
+        A node learns only what an operator let it wait for: the asking job must be a
+        JOB_WAIT that targets it, and name that fingerprint and those nodes.
+        """
+        waiter = self.jobs.jobs.get(str(params.get("job")))
         sha = str(params.get("sha", ""))
         identities = [str(i) for i in params.get("identities") or []]
+        if (
+            waiter is None
+            or asker not in waiter.results
+            or waiter.verb != "JOB_WAIT"
+            or list(waiter.options.get("argv") or [])[:1] != [sha]
+            or not set(identities) <= set(waiter.options.get("identity") or [asker])
+        ):
+            log.warning(
+                "node %s asked for the status of job %s on %s without a JOB_WAIT naming it; "
+                "refused",
+                asker,
+                sha[:12],
+                ",".join(identities)[:200],
+            )
+            raise OrchestrationError("no JOB_WAIT of this node names that job", path="<node>")
         status: dict[str, Any] = {i: None for i in identities}
         for job in self.jobs.by_sha(sha):
             for identity in identities:
@@ -419,7 +466,36 @@ def _write_ready(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _read_chunk(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(size)
+def _file_refs(raw: object, uploaded: frozenset[str], where: str, line: int) -> list[FileRef]:
+    """A job's files from a submit request, each one uploaded on this connection.
+
+    Raises:
+        OrchestrationError: malformed entries, or a file the submitter did not upload.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > MAX_JOB_FILES:
+        raise OrchestrationError(
+            f"files must be a list of at most {MAX_JOB_FILES}", path=where, line=line
+        )
+    refs = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise OrchestrationError("each file must be a mapping", path=where, line=line)
+        name, size, sha256 = entry.get("name"), entry.get("size"), entry.get("sha256")
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= 255
+            or "/" in name
+            or "\0" in name
+            or name in (".", "..")
+        ):
+            raise OrchestrationError(f"invalid file name {name!r}", path=where, line=line)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise OrchestrationError(f"{name}: invalid size {size!r}", path=where, line=line)
+        if check_sha256(sha256) not in uploaded:
+            raise OrchestrationError(
+                f"{name}: its content was not uploaded on this connection", path=where, line=line
+            )
+        refs.append(FileRef(name, size, str(sha256)))
+    return refs
