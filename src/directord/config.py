@@ -228,6 +228,11 @@ class Settings:
         "API connections open at once, Unix socket and TCP together; more are refused",
         "server",
     )
+    query_max_bytes: int = _opt(
+        1024 * 1024,
+        "largest value a node may report for a QUERY (msgpack bytes); a larger one fails it",
+        "server",
+    )
     insecure: bool = _opt(
         False,
         "let the server listen without TLS or authentication on a non-loopback address",

@@ -212,21 +212,13 @@ class LocalCluster:
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop one process (and its process group), escalating to SIGKILL."""
-        proc = self.server if name == "server" else self.clients.get(name)
-        if proc is None or proc.poll() is not None:
-            return
-        self.send_signal(name, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.send_signal(name, signal.SIGKILL)
-            proc.wait(5)
+        _stop(self.server if name == "server" else self.clients.get(name), sig, timeout)
 
     def stop(self) -> None:
-        """Stop everything this cluster started."""
-        for identity in list(self.clients):
-            self.stop_process(identity)
-        self.stop_process("server")
+        """Stop everything this cluster started (a client may be named ``server``)."""
+        for proc in list(self.clients.values()):
+            _stop(proc, signal.SIGTERM, 10.0)
+        _stop(self.server, signal.SIGTERM, 10.0)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -257,3 +249,15 @@ class LocalCluster:
         return subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=cwd
         )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    """Signal a process's group, wait, escalate to SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)

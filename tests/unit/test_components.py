@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -614,3 +615,66 @@ def test_a_broken_user_component_is_skipped_and_logged(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("broken.py" in e and "SyntaxError" in e for e in errors), errors
     assert any("BADINIT" in e and "RuntimeError" in e for e in errors), errors
+
+
+def _user_component(path: Path, verb: str) -> None:
+    path.write_text(
+        "from directord.components.base import Component\n"
+        f"class C(Component):\n"
+        f"    verb = '{verb}'\n"
+        "    summary = 'test'\n"
+        "    async def execute(self, options, ctx):\n"
+        "        raise NotImplementedError\n"
+    )
+    path.chmod(0o644)
+
+
+def test_user_components_load_only_from_files_no_one_else_can_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Components run as the node agent (root): a file another user can change is a way
+    # to run code as root, so it is skipped, and said so.
+    import directord.components as registry
+
+    folder = tmp_path / "components"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    _user_component(folder / "good.py", "GOODONE")
+    _user_component(folder / "groupw.py", "GROUPW")
+    (folder / "groupw.py").chmod(0o664)
+    _user_component(folder / "worldw.py", "WORLDW")
+    (folder / "worldw.py").chmod(0o646)
+    _user_component(folder / "other.py", "OTHEROWNER")
+    os.chown(folder / "other.py", 65534, 65534)  # the tests run as root, as the agent does
+    _user_component(tmp_path / "target.py", "VIALINK")
+    (folder / "link.py").symlink_to(tmp_path / "target.py")
+    monkeypatch.setattr(registry, "USER_COMPONENT_DIR", str(folder))
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_INSTANCES", {})
+    verbs = known_verbs()
+    assert "GOODONE" in verbs
+    assert not {"GROUPW", "WORLDW", "OTHEROWNER", "VIALINK"} & set(verbs)
+    errors = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "groupw.py: it is writable by group or others (mode 0664)" in errors
+    assert "worldw.py: it is writable by group or others (mode 0646)" in errors
+    assert "other.py: it is owned by uid 65534" in errors
+    assert "link.py: it is a symbolic link" in errors
+
+
+def test_a_components_directory_others_can_write_is_skipped_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import directord.components as registry
+
+    folder = tmp_path / "components"
+    folder.mkdir()
+    _user_component(folder / "good.py", "INOPENDIR")
+    folder.chmod(0o777)
+    monkeypatch.setattr(registry, "USER_COMPONENT_DIR", str(folder))
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_INSTANCES", {})
+    assert "INOPENDIR" not in known_verbs()
+    assert any(
+        "skipped the components directory" in r.getMessage() and "0777" in r.getMessage()
+        for r in caplog.records
+    )

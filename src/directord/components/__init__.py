@@ -3,7 +3,8 @@
 Components register through the ``directord.components`` entry-point group
 (the built-ins are declared the same way in our pyproject). User components:
 Python files in ``/etc/directord/components`` defining a :class:`Component`
-subclass are loaded too.
+subclass are loaded too, when that directory and the file are owned by root
+(or by the service's user) and writable by no one else.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -28,11 +31,35 @@ _REGISTRY: dict[str, type[Component]] = {}
 _INSTANCES: dict[str, Component] = {}
 
 
+def _untrusted(path: Path) -> str | None:
+    """Why code at ``path`` must not be loaded (anyone but root or us could change it)."""
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        return f"cannot stat it: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"it is owned by uid {st.st_uid}, not root or this service's user"
+    if st.st_mode & 0o022:
+        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
 def _load_user_components(directory: str) -> None:
     path = Path(directory)
     if not path.is_dir():
         return
+    # Components run as the daemon (root on nodes): whoever can write them owns the node.
+    problem = _untrusted(path)
+    if problem:
+        log.error("skipped the components directory %s: %s", path, problem)
+        return
     for file in sorted(path.glob("*.py")):
+        problem = _untrusted(file)
+        if problem:
+            log.error("skipped component file %s: %s", file, problem)
+            continue
         spec = importlib.util.spec_from_file_location(f"directord_user_{file.stem}", file)
         if spec is None or spec.loader is None:
             continue

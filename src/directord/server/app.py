@@ -364,6 +364,25 @@ class Server:
         if job is None or identity not in job.results or job.verb != "QUERY":
             log.warning("node %s sent a query report for job %s not targeting it", identity, job_id)
             return
+        size = len(pack(value))
+        if size > self.settings.query_max_bytes:
+            log.error(
+                "node %s reported a QUERY value of %d bytes for job %s, over the %d byte limit "
+                "(--query-max-bytes); its target fails",
+                identity,
+                size,
+                job_id,
+                self.settings.query_max_bytes,
+            )
+            self.jobs.finish(
+                identity,
+                job.results[identity],
+                State.FAILED,
+                stderr=f"QUERY value of {size} bytes is over the limit of "
+                f"{self.settings.query_max_bytes} (--query-max-bytes)",
+            )
+            self.on_target_final(job_id)
+            return
         job.query[identity] = value
         self.persister.put(JOBS, job.id, job)
         if job.query_done:

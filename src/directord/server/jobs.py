@@ -27,6 +27,7 @@ MAX_OUTPUT = 1024 * 1024
 # Output lines of a --stream job kept until its watcher subscribes (which it can
 # only do once the submit reply is back, while the job may already be printing).
 MAX_UNREAD_LINES = 10_000
+MAX_WATCH_BACKLOG = 10_000
 _OK = (State.SUCCESS.value, State.SKIPPED_CACHE.value)
 
 
@@ -70,10 +71,19 @@ class Watcher:
         # large orchestration prints counts, and full detail only for failures).
         self.summary = summary
         self.events: list[dict[str, Any]] = []
+        self.dropped = 0  # output events dropped for a reader that fell behind
         self.wake = asyncio.Event()
 
     def push(self, event: dict[str, Any]) -> None:
-        """Queue an event for the subscriber."""
+        """Queue an event for the subscriber.
+
+        Live output beyond MAX_WATCH_BACKLOG events not yet taken is dropped (a
+        node's output must not fill the server's memory behind a slow reader);
+        results always get through.
+        """
+        if event["ev"] == "out" and len(self.events) >= MAX_WATCH_BACKLOG:
+            self.dropped += 1
+            return
         if self.summary and event["ev"] == "result" and event["result"]["state"] in _OK:
             result = event["result"]
             event = {**event, "result": {**result, "stdout": "", "stderr": ""}}

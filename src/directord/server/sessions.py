@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
+# Requests (file chunks, job status) one node may have unanswered at once; its agent
+# keeps a window of 4 chunks per transfer.
+MAX_REQUESTS = 64
+# Characters of one live output line forwarded to watchers (a longer one is cut).
+MAX_LINE = 64 * 1024
 ACK_LINGER = 0.05
 # States a node may report for itself; undelivered is only ever the server's call.
 NODE_STATES = frozenset(
@@ -160,10 +165,15 @@ class AgentSession:
                     self.server.nodes.touch(self.identity, persist=True)
                 elif kind == "out":
                     self.server.jobs.output(
-                        self.identity, str(env["id"]), str(env["s"]), str(env["d"])
+                        self.identity, str(env["id"]), str(env["s"]), str(env["d"])[:MAX_LINE]
                     )
                 elif kind == "req":
-                    self._spawn(self._request(env))
+                    if len(self._tasks) >= MAX_REQUESTS:
+                        # Each answer may carry a 1 MiB file chunk: a node that asks and
+                        # never reads would otherwise pile them up in our memory.
+                        self._refuse_request(env)
+                    else:
+                        self._spawn(self._request(env))
                 elif kind == "parked":
                     self.server.parked_taken(self, [str(i) for i in env["missing"]])
                 elif kind == "qrep":
@@ -205,6 +215,22 @@ class AgentSession:
         )
         self.server.on_target_final(job_id)
         return job_id
+
+    def _refuse_request(self, env: Envelope) -> None:
+        log.warning(
+            "node %s has %d requests in flight (limit %d); refused one",
+            self.identity,
+            len(self._tasks),
+            MAX_REQUESTS,
+        )
+        self.link.post(
+            {
+                "t": "rep",
+                "rid": env.get("rid"),
+                "ok": False,
+                "err": f"too many requests in flight (limit {MAX_REQUESTS})",
+            }
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

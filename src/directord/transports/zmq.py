@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 
 from directord.config import Settings
 from directord.errors import ConfigError, ConnectError, ConnectionLost, MissingDependencyError
+from directord.protocol import MAX_FRAME
 from directord.security import curve
 from directord.security.identities import identity_problem
 from directord.transports.base import (
@@ -72,6 +73,8 @@ ZAP_DOMAIN = "directord"
 HEARTBEAT_MS = 2000
 CONNECT_TIMEOUT = 5.0
 KEY_POLL = 1.0
+# Bytes of one stream's messages not yet read by its session before it is ended.
+SESSION_QUEUE_BYTES = 4 * MAX_FRAME
 # A client sends its first frame right after its handshake, which it abandons after
 # CONNECT_TIMEOUT: a connection silent for longer is held unused, or still shaking hands.
 QUIET_AFTER = CONNECT_TIMEOUT
@@ -153,6 +156,7 @@ class _ServerConn(Connection):
         self.fd = fd  # the TCP connection's descriptor in libzmq
         self.peer = f"zmq:{rid.decode('utf-8', 'replace')}"
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queued = 0  # bytes in the queue
         self.closed = False
         # The routing id is the identity, checked against the credential before this
         # connection was made (_claim_problem): the hello may name no other.
@@ -174,6 +178,7 @@ class _ServerConn(Connection):
         if data is _EOF:
             self.closed = True
             raise ConnectionLost(f"{self.peer}: replaced or closed")
+        self.queued -= len(data)
         return data
 
     async def close(self) -> None:
@@ -340,6 +345,7 @@ class ZmqTransport(Transport):
         # ROUTER), so under Curve a key holder can keep an offline node from coming
         # back (never impersonate it) while it stays connected; its refusal is logged.
         sock.router_handover = 0
+        sock.maxmsgsize = MAX_FRAME + 1024  # libzmq drops a peer that sends more
         sock.heartbeat_ivl = HEARTBEAT_MS
         sock.heartbeat_timeout = 3 * HEARTBEAT_MS
         sock.linger = 0
@@ -388,6 +394,17 @@ class ZmqTransport(Transport):
             if conn.user != user:
                 log.warning("zmq: dropped a message on %s from another credential", conn.peer)
                 continue
+            if conn.queued + len(data) > SESSION_QUEUE_BYTES:
+                # A peer that sends faster than its session reads must not fill our
+                # memory: its stream ends (it reconnects and re-sends what is unacked).
+                log.warning(
+                    "zmq: %s has over %d bytes not yet read; ending its stream",
+                    conn.peer,
+                    SESSION_QUEUE_BYTES,
+                )
+                await conn.close()
+                continue
+            conn.queued += len(data)
             conn.queue.put_nowait(data)
 
     async def _open(self, rid: bytes, user: str | None, first: Any) -> None:
@@ -569,6 +586,7 @@ class ZmqTransport(Transport):
         sock = self.ctx.socket(zmq.DEALER)
         sock.routing_id = s.resolved_identity().encode()
         sock.linger = 0
+        sock.maxmsgsize = MAX_FRAME + 1024  # libzmq drops a peer that sends more
         sock.heartbeat_ivl = HEARTBEAT_MS
         sock.heartbeat_timeout = 3 * HEARTBEAT_MS
         sock.reconnect_ivl = 100
