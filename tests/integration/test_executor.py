@@ -271,3 +271,21 @@ def test_spawn_detached_runs_in_its_own_session(tmp_path: Path) -> None:
         assert await wait_until_gone([pid]) == []
 
     run(go())
+
+
+def test_jobs_get_umask_022_whatever_the_agents_own(tmp_path: Path) -> None:
+    # The client unit runs the agent with UMask=0077 (its cache holds secrets); what a
+    # job creates must still be what a root shell would create.
+    old = os.umask(0o077)
+    try:
+        result = run(run_shell(f"umask; touch {tmp_path}/f; mkdir {tmp_path}/d"))
+    finally:
+        os.umask(old)
+    assert result.stdout.strip() == "0022"
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_error_line_numbers_are_the_commands_own() -> None:
+    result = run(run_shell("true\nfi"))
+    assert result.rc != 0 and ": 2: " in result.stderr, result.stderr

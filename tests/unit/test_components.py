@@ -678,3 +678,19 @@ def test_a_components_directory_others_can_write_is_skipped_whole(
         "skipped the components directory" in r.getMessage() and "0777" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_new_directories_are_0755_under_the_agents_umask(tmp_path: Path) -> None:
+    from directord.components.files import make_directories
+
+    (tmp_path / "keep").mkdir(mode=0o700)
+    old = os.umask(0o077)
+    try:
+        make_directories(str(tmp_path / "keep" / "a" / "b"))
+        make_directories(str(tmp_path / "leaf"), 0o750)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "keep").stat().st_mode & 0o777 == 0o700  # existing: untouched
+    assert (tmp_path / "keep" / "a").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "keep" / "a" / "b").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "leaf").stat().st_mode & 0o777 == 0o750

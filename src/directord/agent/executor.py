@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable, Mapping
 
 from directord.components.base import ProcessResult
+from directord.components.files import JOB_UMASK
 
 MAX_CAPTURE = 8 * 1024 * 1024
 # After the shell exits, descendants it put in the background may keep its
@@ -48,6 +49,11 @@ def encoded_environment(extra: Mapping[str, str] | None = None) -> dict[bytes, b
         env.update({os.fsencode(k): os.fsencode(v) for k, v in key})
         _ENV_CACHE[key] = env
     return env
+
+
+# posix_spawn cannot set a umask: the job's shell sets it first, on the same line so
+# that the shell's line numbers in error messages stay the user's.
+_JOB_PREFIX = f"umask {JOB_UMASK:04o}; "
 
 
 def _kill_group(pgid: int) -> None:
@@ -223,7 +229,7 @@ async def run_shell(
         # posix_spawn returns as soon as the child has exec'd; it does not wait.
         pid = os.posix_spawn(  # noqa: ASYNC221
             SHELL,
-            [SHELL, "-c", command],
+            [SHELL, "-c", _JOB_PREFIX + command],
             env if env is not None else encoded_environment(),
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, _devnull(), 0),
@@ -262,7 +268,7 @@ async def spawn_detached(command: str, env: Environment | None = None) -> int:
     null = _devnull()
     pid = os.posix_spawn(  # noqa: ASYNC221 - returns once the child has exec'd
         SHELL,
-        [SHELL, "-c", command],
+        [SHELL, "-c", _JOB_PREFIX + command],
         env if env is not None else encoded_environment(),
         setsid=True,
         file_actions=[

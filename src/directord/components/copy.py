@@ -24,7 +24,13 @@ import tempfile
 from typing import Any, ClassVar
 
 from directord.components.base import Component, ExecContext, Outcome
-from directord.components.files import apply_owner_mode, open_regular, owner_ids, parse_mode
+from directord.components.files import (
+    apply_owner_mode,
+    make_directories,
+    open_regular,
+    owner_ids,
+    parse_mode,
+)
 from directord.errors import ComponentArgsError, ComponentError
 from directord.models import FileRef, SourceFile
 from directord.security.identities import identity_problem
@@ -197,7 +203,7 @@ class Copy(Component):
             # Owner and mode travel with the content: they are set on the new file's
             # descriptor before its rename, or on the unchanged file's own descriptor.
             try:
-                await asyncio.to_thread(os.makedirs, os.path.dirname(target) or ".", exist_ok=True)
+                await asyncio.to_thread(make_directories, os.path.dirname(target) or ".")
                 if options.get("blueprint"):
                     changed = await self._blueprint(ctx, index, target, uid, gid, mode)
                 else:

@@ -9,6 +9,7 @@ it; COPY renames its new file over it, which replaces the link itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -85,6 +86,35 @@ def open_directory(path: str) -> int:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
             raise ComponentError("is a symbolic link; refusing to follow it") from None
         raise
+
+
+#: The umask jobs get, whatever the agent's own (its unit has UMask=0077): what a job
+#: creates is as a root shell would create it.
+JOB_UMASK = 0o022
+NEW_DIRECTORY_MODE = 0o777 & ~JOB_UMASK
+
+
+def make_directories(path: str, leaf_mode: int | None = None) -> None:
+    """Create ``path`` and its missing parents: mode 0755 (``leaf_mode`` for the last).
+
+    Each directory created is fchmod-ed through a descriptor opened without
+    following symlinks, so the agent's own umask does not decide what jobs get.
+    Existing directories are left as they are.
+    """
+    missing: list[str] = []
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by someone else: theirs
+            os.mkdir(folder, 0o700)
+            fd = open_directory(folder)
+            try:
+                mode = leaf_mode if folder == missing[0] and leaf_mode is not None else None
+                os.fchmod(fd, NEW_DIRECTORY_MODE if mode is None else mode)
+            finally:
+                os.close(fd)
 
 
 def open_regular(path: str) -> int | None:

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 from typing import Any, ClassVar
 
 from directord.components.base import Component, ExecContext, Outcome
-from directord.components.files import apply_owner_mode, open_directory, owner_ids, parse_mode
+from directord.components.files import (
+    apply_owner_mode,
+    make_directories,
+    open_directory,
+    owner_ids,
+    parse_mode,
+)
 from directord.errors import ComponentArgsError, ComponentError
 
 
 def make_directory(path: str, uid: int, gid: int, mode: int | None) -> None:
     """Create ``path`` and its parents, then set its owner and mode through a descriptor."""
-    # The new leaf starts no wider than MODE; fchmod below sets it exactly. FileExistsError
-    # means something other than a directory is there: open_directory says what.
-    with contextlib.suppress(FileExistsError):
-        os.makedirs(path, mode=0o777 if mode is None else mode & 0o777, exist_ok=True)
+    # Something other than a directory already there: open_directory says what.
+    make_directories(path, None if mode is None else mode & 0o777)
     fd = open_directory(path)
     try:
         apply_owner_mode(fd, uid, gid, mode)

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from directord.errors import ConfigError, OrchestrationError
+from directord.security.private import private_directory
 
 #: The most one ``file_put`` may carry (connect.UPLOAD_CHUNK, what the CLI sends).
 UPLOAD_CHUNK = 1024 * 1024
@@ -67,8 +68,7 @@ class FileStore:
             ConfigError: the directory cannot be created.
         """
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.root, 0o700)
+            private_directory(self.root, tighten=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(mode=0o700)
         except OSError as exc:
