@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +35,21 @@ from directord.protocol import Envelope, FrameDecoder, frame
 DEFAULT_SOCKET = "/var/run/directord.sock"
 #: Bytes per ``file_put`` (the server takes at most this much at once).
 UPLOAD_CHUNK = 1024 * 1024
+
+
+def _readable(writer: asyncio.StreamWriter) -> bool:
+    """True when the connection has bytes (or its end) waiting to be read."""
+    sock = writer.get_extra_info("socket")
+    # Unix sockets only: on TLS, bytes may be the server's session tickets, and a write
+    # to a closed TCP peer succeeds, so its ``bye`` is read as the answer.
+    if sock is None or sock.family != socket.AF_UNIX:
+        return False
+    ready, _, _ = select.select([sock.fileno()], [], [], 0)
+    return bool(ready)
+
+
+class _Closed(Exception):
+    """The server said ``bye``: it closed the connection without reading what followed."""
 
 
 class APIClient:
@@ -117,17 +134,19 @@ class APIClient:
         await self.close()
 
     async def _send(self, method: str, params: dict[str, Any]) -> int:
+        if self._writer is not None and not self._pending and _readable(self._writer):
+            # Nothing is asked, yet something came: the server's ``bye`` and the end of
+            # a connection it closed while idle. Writing would fail and lose the bye.
+            await self._reset()
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
         self._rid += 1
         self._writer.write(frame([{"t": "req", "rid": self._rid, "m": method, "p": params}]))
-        try:
+        with contextlib.suppress(OSError):
+            # A closed connection shows when its answer is read: the server's last
+            # words (a ``bye``), or the end of the stream.
             await self._writer.drain()
-        except OSError as exc:
-            raise ServerUnavailable(
-                f"the server closed {self.socket_path}: {exc.strerror or exc}"
-            ) from None
         return self._rid
 
     async def _next(self) -> Envelope:
@@ -144,7 +163,16 @@ class APIClient:
                 raise ServerUnavailable(f"the server closed {self.socket_path}{hint}")
             for batch in self._decoder.feed(data):
                 self._pending.extend(batch)
-        return self._pending.pop(0)
+        envelope = self._pending.pop(0)
+        if envelope.get("t") == "bye":
+            raise _Closed(str(envelope.get("reason", "")))
+        return envelope
+
+    async def _reset(self) -> None:
+        await self.close()
+        self._reader = None
+        self._decoder = FrameDecoder()
+        self._pending.clear()
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Call an API method.
@@ -153,15 +181,34 @@ class APIClient:
             APIError: the server refused (its ``kind`` names the server-side error).
             ServerUnavailable: the socket is unreachable or closed.
         """
-        rid = await self._send(method, params or {})
+        _, reply = await self._first(method, params or {})
+        if reply.get("ok"):
+            return reply.get("r")
+        err = reply.get("err") or {}
+        raise APIError(str(err.get("msg", "unknown error")), kind=str(err.get("type")))
+
+    async def _first(self, method: str, params: dict[str, Any]) -> tuple[int, Envelope]:
+        """Send a request; return its id and the first answer to it.
+
+        A server that closed the connection without reading the request (it sat idle
+        past ``--api-idle-timeout``) says ``bye`` first: the request goes again, once,
+        on a new connection.
+        """
+        retried = False
         while True:
-            reply = await self._next()
-            if reply.get("rid") != rid:
-                continue
-            if reply.get("ok"):
-                return reply.get("r")
-            err = reply.get("err") or {}
-            raise APIError(str(err.get("msg", "unknown error")), kind=str(err.get("type")))
+            rid = await self._send(method, params)
+            try:
+                while True:
+                    envelope = await self._next()
+                    if envelope.get("rid") == rid:
+                        return rid, envelope
+            except _Closed as exc:
+                await self._reset()
+                if retried:
+                    raise ServerUnavailable(
+                        f"the server closed {self.socket_path}: {exc}"
+                    ) from None
+                retried = True
 
     async def watch(
         self,
@@ -175,13 +222,13 @@ class APIClient:
 
         With ``summary``, successful results come without stdout/stderr.
         """
-        rid = await self._send(
+        rid, event = await self._first(
             "watch",
             {"parents": parents or [], "jobs": jobs or [], "output": output, "summary": summary},
         )
         while True:
-            event = await self._next()
             if event.get("rid") != rid:
+                event = await self._next()
                 continue
             if event.get("t") == "rep" and not event.get("ok"):
                 err = event.get("err") or {}
@@ -189,6 +236,7 @@ class APIClient:
             if event.get("ev") == "done":
                 return
             yield event
+            event = await self._next()
 
 
 def prepare_files(

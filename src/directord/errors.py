@@ -19,6 +19,8 @@
      |    +-- JobTimeout             a job ran past its timeout
      +-- SecurityError
      |    +-- CertificateError       unreadable, invalid, expired or revoked certificate/key
+     |    +-- UntrustedValueError    another node's value would render unsafe into a job
+     |                               (also a ComponentError: the job fails)
      +-- MissingDependencyError      an optional driver library is not installed
 
 Errors worth retrying also subclass :class:`RetryableError`; the reconnect
@@ -133,3 +135,23 @@ class CertificateError(SecurityError, ValueError):
 
 class MissingDependencyError(DirectordError, ImportError):
     """An optional library for the selected driver is not installed."""
+
+
+class UntrustedValueError(SecurityError, ComponentError):
+    """A value another node reported would render as unsafe text into a job.
+
+    Attributes:
+        node: the node the value came from.
+        key: the QUERY key it was reported under.
+        reason: what makes it unsafe (the first unsafe character, or a leading ``-``).
+    """
+
+    def __init__(self, node: str, key: str, reason: str) -> None:
+        self.node = node
+        self.key = key
+        self.reason = reason
+        # ascii() keeps the message on one line whatever the names hold.
+        super().__init__(
+            f"untrusted value from node {node!a}, query key {key!a}, {reason}: "
+            f"render it with '| quote', or with '| trust' if you are sure it is safe"
+        )

@@ -137,3 +137,22 @@ def test_purge_jobs_and_nodes(make_cluster: Any) -> None:
         )
         assert conn.purge_nodes() == 1
         assert [n["identity"] for n in conn.list_nodes()] == ["node0"]
+
+
+def test_a_connection_the_server_closed_while_idle_is_reopened(make_cluster: Any) -> None:
+    # The server closes API connections idle for --api-idle-timeout; a long-lived
+    # DirectordConnect must not fail its next call for it.
+    import time
+
+    c = make_cluster(nodes=1, server_args=["--api-idle-timeout", "1"])
+    with DirectordConnect(c.socket_path) as conn:
+        assert [n["identity"] for n in conn.list_nodes()] == ["node0"]
+        wait_for(
+            lambda: any("idle" in line for line in c.log("server").read_text().splitlines()),
+            "the server to close the idle connection",
+        )
+        time.sleep(0.2)
+        assert [n["identity"] for n in conn.list_nodes()] == ["node0"]
+        ids = conn.orchestrate([{"jobs": [{"RUN": "echo again"}]}])
+        ok, _ = conn.poll(ids[0], timeout=60)
+        assert ok

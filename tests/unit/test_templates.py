@@ -13,8 +13,8 @@ import pytest
 
 from directord.agent import templates
 from directord.agent.context import JobContext
-from directord.agent.templates import UntrustedValueError, render_template, unsafe_reason
-from directord.errors import ComponentError
+from directord.agent.templates import render_template, unsafe_reason
+from directord.errors import ComponentError, UntrustedValueError
 
 
 def test_renders_values_filters_and_loops() -> None:

@@ -43,7 +43,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from directord.errors import ComponentError
+from directord.errors import ComponentError, UntrustedValueError
 
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_@%+=:,./-]")
 _CACHE_LIMIT = 512
@@ -97,26 +97,6 @@ _STR_METHODS = frozenset(
         "zfill",
     }
 )
-
-
-class UntrustedValueError(ComponentError):
-    """A value another node reported would render as unsafe text into a job.
-
-    Attributes:
-        node: the node the value came from.
-        key: the QUERY key it was reported under.
-        reason: what makes it unsafe (the first unsafe character, or a leading ``-``).
-    """
-
-    def __init__(self, node: str, key: str, reason: str) -> None:
-        self.node = node
-        self.key = key
-        self.reason = reason
-        # ascii() keeps the message on one line whatever the names hold.
-        super().__init__(
-            f"untrusted value from node {node!a}, query key {key!a}, {reason}: "
-            f"render it with '| quote', or with '| trust' if you are sure it is safe"
-        )
 
 
 def unsafe_reason(text: str) -> str | None:

@@ -220,6 +220,9 @@ class APIServer:
             log.info(
                 "API: closed %s: it sent nothing for %gs (api_idle_timeout)", _peer(writer), idle
             )
+            # Said before closing: a client whose next request crosses this knows that
+            # the request was never read, and may send it again on a new connection.
+            writer.write(frame([{"t": "bye", "reason": "idle"}]))
             return b""
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
