@@ -133,6 +133,7 @@ class _ServerConn(Connection):
         self.peer_identity = proven
         self.inbox = _Inbox()
         self.closed = False
+        self.peer_closed = False  # the node said close: no need to tell it
 
     async def send(self, data: bytes) -> None:
         if self.closed:
@@ -142,7 +143,6 @@ class _ServerConn(Connection):
     async def recv(self) -> bytes:
         data = await self.inbox.get()
         if data is None:
-            self.closed = True
             raise ConnectionLost(f"{self.peer}: {self.inbox.ended}")
         return data
 
@@ -153,9 +153,10 @@ class _ServerConn(Connection):
         self.inbox.end("session ended")
         if self._t.sessions.get(self.sid) is self:
             del self._t.sessions[self.sid]
-        await self._t.say_closed(
-            self._t.publish_node(self.identity, {"s": self.sid, "k": "close"}, b"")
-        )
+        if not self.peer_closed:
+            await self._t.say_closed(
+                self._t.publish_node(self.identity, {"s": self.sid, "k": "close"}, b"")
+            )
 
 
 class _ClientConn(Connection):
@@ -316,7 +317,7 @@ class BrokerTransport(Transport):
             return
         if session.identity != node:
             self.dropped(
-                node,
+                (node, kind),
                 "a %s message from node %s for a session of node %s (%s)",
                 kind,
                 node,
@@ -325,9 +326,12 @@ class BrokerTransport(Transport):
             )
             return
         if kind == "close":
+            session.peer_closed = True
             await session.close()
         elif not self._deliver(session.inbox, body):
             self.dropped(node, "the session %s: %s", session.peer, session.inbox.ended)
+            # Told at once, the node starts over now, not when the handler next reads.
+            await session.close()
 
     async def _open(self, sid: str, node: str, proven: str | None) -> None:
         if sid in self.sessions:
@@ -339,9 +343,7 @@ class BrokerTransport(Transport):
         # that the new session's first messages, right behind this one, find it.
         self.sessions[sid] = conn
         self.by_node[node] = conn
-        task = asyncio.create_task(self._run_handler(conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._run_handler(conn))
         if old is not None:
             await old.close()
 
@@ -370,10 +372,16 @@ class BrokerTransport(Transport):
         if session is not None and session.identity == headers.get("n"):
             session.inbox.drop(reason)
             self.dropped(session.identity, "the session %s: %s", session.peer, reason)
+            self._spawn(session.close())
         conn = self.client_conn
         if conn is not None and conn.sid == sid:
             conn.inbox.drop(reason)
             self.dropped("", "this node's session with the server: %s", reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_handler(self, conn: _ServerConn) -> None:
         assert self._handler is not None
