@@ -1,7 +1,9 @@
 # directord: the commands README.md and .ci/run use.
 #
 #   make demo    start a throwaway local cluster and run the sample orchestration
-#   make test    the whole test suite (unit, integration, end-to-end) with branch coverage
+#   make test    the whole test suite (unit, integration, end-to-end) with branch coverage;
+#                it first installs and starts what the tests need (.ci/setup)
+#   make fuzz    the hypothesis fuzzers against live listeners, long (5000 examples each)
 #   make check   ruff lint, ruff format check, mypy --strict
 #   make bench   the throughput benchmark (bench/throughput.py)
 #
@@ -15,7 +17,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo test check bench venv clean
+.PHONY: all demo test fuzz setup check bench venv clean
 
 all: check test
 
@@ -33,8 +35,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/directord demo
 
-test: $(STAMP)
+setup:
+	@PYTHON=$(PYTHON) bash .ci/setup
+
+test: $(STAMP) setup
 	$(BIN)/python -m pytest --cov=directord --cov-branch --cov-report=term $(PYTEST_ARGS)
+
+fuzz: $(STAMP) setup
+	$(BIN)/python -m pytest -m fuzz --hypothesis-profile fuzz $(PYTEST_ARGS)
 
 # All three run even when one fails, so one run reports every problem.
 check: $(STAMP)

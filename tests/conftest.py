@@ -8,10 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from directord.localcluster import BROKERS, LocalCluster
 from tests.brokers import NatsServer, RabbitNode, TestPKI
 from tests.redis_server import RedisServer
+
+# Hypothesis profiles: `bounded` runs inside `make test`; `make fuzz` passes
+# --hypothesis-profile fuzz for a long run (the plugin loads it after this default).
+for _name, _examples in (("bounded", 100), ("fuzz", 5000)):
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+settings.load_profile("bounded")
 
 # Every driver the shared `cluster` fixture runs the behaviour suite on (issue 4: one
 # parametrized suite). The broker drivers use the private brokers below.
