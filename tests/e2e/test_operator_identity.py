@@ -47,33 +47,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def mtls(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Cluster]:
-    server_tls = [
-        "--grpc-ssl",
-        "--grpc-ssl-client-auth",
-        "--grpc-ssl-ca",
-        pki.ca,
-        "--grpc-ssl-cert",
-        pki.cert("server"),
-        "--grpc-ssl-key",
-        pki.key("server"),
-    ]
-    api_tls = [
-        "--api-bind",
-        "127.0.0.1",
-        "--api-port",
-        "0",
-        "--ca",
-        pki.ca,
-        "--cert",
-        pki.cert("server"),
-        "--key",
-        pki.key("server"),
-    ]
     c = Cluster(
         tmp_path_factory.mktemp("operators"),
         nodes=2,
         heartbeat=2.0,
-        server_args=[*server_tls, *api_tls, "--allowed-node-names", ",".join(ALLOWED)],
+        server_args=[
+            *pki.server_flags(),
+            *pki.api_flags(),
+            "--allowed-node-names",
+            ",".join(ALLOWED),
+        ],
         client_args=pki.client_flags("{identity}"),
     )
     c.start()

@@ -57,6 +57,34 @@ class Pki:
     def key(self, name: str) -> str:
         return str(self.dir / "private" / f"{name}.key")
 
+    def server_flags(self, name: str = "server") -> list[str]:
+        """Server options for gRPC with mTLS, NAME's certificate presented."""
+        return [
+            "--grpc-ssl",
+            "--grpc-ssl-client-auth",
+            "--grpc-ssl-ca",
+            self.ca,
+            "--grpc-ssl-cert",
+            self.cert(name),
+            "--grpc-ssl-key",
+            self.key(name),
+        ]
+
+    def api_flags(self, name: str = "server") -> list[str]:
+        """Server options for the API over TCP on 127.0.0.1, on a free port."""
+        return [
+            "--api-bind",
+            "127.0.0.1",
+            "--api-port",
+            "0",
+            "--ca",
+            self.ca,
+            "--cert",
+            self.cert(name),
+            "--key",
+            self.key(name),
+        ]
+
     def client_flags(self, name: str, ca: str | None = None) -> list[str]:
         """Client options for mTLS with NAME's certificate."""
         return [
@@ -122,33 +150,16 @@ def pkis(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pki, Pki]:
 @pytest.fixture(scope="module")
 def mtls(tmp_path_factory: pytest.TempPathFactory, pkis: tuple[Pki, Pki]) -> Iterator[Cluster]:
     pki, _ = pkis
-    server_tls = [
-        "--grpc-ssl",
-        "--grpc-ssl-client-auth",
-        "--grpc-ssl-ca",
-        pki.ca,
-        "--grpc-ssl-cert",
-        pki.cert("server"),
-        "--grpc-ssl-key",
-        pki.key("server"),
-    ]
-    api_tls = [
-        "--api-bind",
-        "127.0.0.1",
-        "--api-port",
-        "0",
-        "--ca",
-        pki.ca,
-        "--cert",
-        pki.cert("server"),
-        "--key",
-        pki.key("server"),
-    ]
     c = Cluster(
         tmp_path_factory.mktemp("mtls"),
         nodes=2,
         heartbeat=2.0,
-        server_args=[*server_tls, *api_tls, "--allowed-node-names", ",".join(ALLOWED)],
+        server_args=[
+            *pki.server_flags(),
+            *pki.api_flags(),
+            "--allowed-node-names",
+            ",".join(ALLOWED),
+        ],
         client_args=pki.client_flags("{identity}"),
     )
     c.start()
