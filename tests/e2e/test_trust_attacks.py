@@ -10,23 +10,19 @@ floods requests or reports a huge QUERY value.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from directord.config import Settings
-from directord.protocol import PROTOCOL_VERSION, decode_batch, encode_batch
-from directord.transports.base import Connection
-from directord.transports.grpc import GrpcTransport
 from tests.conftest import Cluster
 from tests.e2e.helpers import (
     job_count,
@@ -39,6 +35,7 @@ from tests.e2e.helpers import (
     wait_for,
     wait_job,
 )
+from tests.fakenode import FakeNode, connect_grpc
 
 NOBODY = 65534  # uid and gid of nobody / nogroup on Debian
 
@@ -274,60 +271,15 @@ def test_a_loopback_listener_needs_no_insecure(tmp_path: Path) -> None:
 # ---- a hostile node -----------------------------------------------------------------------
 
 
-class RawNode:
-    """A node speaking the protocol by hand over gRPC, to send what an agent never would."""
-
-    def __init__(self, cluster: Cluster, identity: str) -> None:
-        settings = Settings(grpc_server_address="127.0.0.1", grpc_port=cluster.port)
-        self.transport = GrpcTransport(settings)
-        self.transport.connect_timeout = 30.0
-        self.identity = identity
-        self.conn: Connection | None = None
-        self.inbox: list[dict[str, Any]] = []
-
-    async def __aenter__(self) -> RawNode:
-        self.conn = await self.transport.connect()
-        await self.send(
-            {
-                "t": "hello",
-                "proto": PROTOCOL_VERSION,
-                "identity": self.identity,
-                "machine_id": f"m-{self.identity}",
-                "version": "0",
-                "driver": "grpc",
-                "heartbeat_interval": 60.0,
-                "host_boot": 0.0,
-                "agent_start": time.time(),
-                "known": [],
-            }
-        )
-        await self.until(lambda e: e["t"] == "welcome")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.conn is not None:
-            await self.conn.close()
-        await self.transport.close()
-
-    async def send(self, *envelopes: dict[str, Any]) -> None:
-        assert self.conn is not None
-        await self.conn.send(encode_batch(list(envelopes)))
-
-    async def until(
-        self, match: Callable[[dict[str, Any]], bool], timeout: float = 30.0
-    ) -> dict[str, Any]:
-        assert self.conn is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                for env in self.inbox:
-                    if match(env):
-                        self.inbox.remove(env)
-                        return env
-                self.inbox.extend(decode_batch(await self.conn.recv()))
-
-    async def request(self, rid: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        await self.send({"t": "req", "rid": rid, "m": method, "p": params})
-        return await self.until(lambda e: e["t"] == "rep" and e["rid"] == rid)
+@contextlib.asynccontextmanager
+async def fake_node(cluster: Cluster, identity: str) -> AsyncIterator[FakeNode]:
+    """A registered node that sends what an agent never would."""
+    node = FakeNode(await connect_grpc(cluster.port))
+    try:
+        assert (await node.hello(identity))["t"] == "welcome"
+        yield node
+    finally:
+        await node.close()
 
 
 def test_a_node_learns_job_states_only_through_its_own_job_wait(
@@ -340,12 +292,12 @@ def test_a_node_learns_job_states_only_through_its_own_job_wait(
     job_id = done["parents"][0]["jobs"][0]
 
     async def spy() -> list[dict[str, Any]]:
-        async with RawNode(cluster, "mole") as mole:
+        async with fake_node(cluster, "mole") as mole:
             return [
                 # No job at all, then node0's own job as the "asker": neither targets mole.
-                await mole.request(1, "job_status", {"sha": sha, "identities": ["node0"]}),
+                await mole.request("job_status", {"sha": sha, "identities": ["node0"]}),
                 await mole.request(
-                    2, "job_status", {"job": job_id, "sha": sha, "identities": ["node0"]}
+                    "job_status", {"job": job_id, "sha": sha, "identities": ["node0"]}
                 ),
             ]
 
@@ -367,16 +319,14 @@ def test_a_node_gets_bounded_chunks_and_bounded_requests(
     big.write_bytes(os.urandom(3 * 1024 * 1024))
 
     async def attack() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        async with RawNode(cluster, "mole") as mole:
+        async with fake_node(cluster, "mole") as mole:
             parents = await asyncio.to_thread(
                 submit, cluster, "exec", "--verb", "COPY", str(big), "/nonexistent/x"
             )
-            job = await mole.until(lambda e: e["t"] == "job")
+            job = await mole.recv_until(lambda e: e["t"] == "job")
             assert job["id"] == parents[0]["jobs"][0]
             # A negative size once read the whole file into one reply.
-            whole = await mole.request(
-                1, "chunk", {"job": job["id"], "index": 0, "offset": 0, "size": -1}
-            )
+            whole = await mole.chunk(job=job["id"], index=0, offset=0, size=-1)
             # A flood of requests it never waits for: the server answers at most so many.
             await mole.send(
                 *(
@@ -390,7 +340,7 @@ def test_a_node_gets_bounded_chunks_and_bounded_requests(
                 )
             )
             replies = [
-                await mole.until(lambda e, i=i: e["t"] == "rep" and e["rid"] == 1000 + i)
+                await mole.recv_until(lambda e, i=i: e["t"] == "rep" and e["rid"] == 1000 + i)
                 for i in range(300)
             ]
             return whole, replies
@@ -411,7 +361,7 @@ def test_an_oversized_query_value_fails_only_that_nodes_target(
     cluster.json("exec", "--verb", "ARG", f"{key} small", "--wait")
 
     async def report() -> str:
-        async with RawNode(cluster, "mole") as mole:
+        async with fake_node(cluster, "mole") as mole:
             parents = await asyncio.to_thread(
                 submit,
                 cluster,
@@ -424,7 +374,7 @@ def test_an_oversized_query_value_fails_only_that_nodes_target(
                 "--target",
                 "mole",
             )
-            job = await mole.until(lambda e: e["t"] == "job")
+            job = await mole.recv_until(lambda e: e["t"] == "job")
             await mole.send({"t": "ack", "ids": [job["id"]]})
             await mole.send({"t": "qrep", "id": job["id"], "value": "x" * 10_000})
             return str(parents[0]["jobs"][0])

@@ -8,70 +8,13 @@ to read files it was never given.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
-from directord.config import Settings
-from directord.protocol import PROTOCOL_VERSION, decode_batch, encode_batch
-from directord.transports.base import Connection
-from directord.transports.grpc import GrpcTransport
+from directord.protocol import PROTOCOL_VERSION
 from tests.conftest import Cluster
+from tests.fakenode import FakeNode, connect_grpc
 
 SECRET = b"top secret: only node0 may read this\n"
-REPLY_TIMEOUT = 30.0
-
-
-class FakeNode:
-    """Just enough of a node: registers, then sends requests and collects replies."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.inbox: list[dict[str, Any]] = []
-        self.rid = 0
-
-    async def send(self, *envelopes: dict[str, Any]) -> None:
-        await self.conn.send(encode_batch(list(envelopes)))
-
-    async def recv_until(self, match: Any) -> dict[str, Any]:
-        """Read envelopes until one matches; keep the rest in the inbox."""
-        for env in self.inbox:
-            if match(env):
-                self.inbox.remove(env)
-                return env
-        async with asyncio.timeout(REPLY_TIMEOUT):
-            while True:
-                for env in decode_batch(await self.conn.recv()):
-                    if match(env):
-                        return env
-                    self.inbox.append(env)
-
-    async def hello(self, identity: str) -> dict[str, Any]:
-        await self.send(
-            {
-                "t": "hello",
-                "proto": PROTOCOL_VERSION,
-                "identity": identity,
-                "machine_id": f"fake-{identity}",
-                "version": "0",
-                "driver": "grpc",
-                "heartbeat_interval": 60.0,
-                "host_boot": 0.0,
-                "agent_start": time.time(),
-                "known": [],
-            }
-        )
-        return await self.recv_until(lambda e: e["t"] in ("welcome", "refuse"))
-
-    async def chunk(self, **params: Any) -> dict[str, Any]:
-        self.rid += 1
-        rid = self.rid
-        await self.send({"t": "req", "rid": rid, "m": "chunk", "p": params})
-        return await self.recv_until(lambda e: e["t"] == "rep" and e.get("rid") == rid)
-
-
-async def _connect(port: int) -> Connection:
-    transport = GrpcTransport(Settings(grpc_server_address="127.0.0.1", grpc_port=port))
-    return await transport.connect()
 
 
 def _submit_copy(cluster: Cluster, src: str, target: str) -> str:
@@ -89,7 +32,7 @@ def test_node_fetches_only_files_of_its_own_jobs(make_cluster: Any) -> None:
     mine.write_bytes(b"the intruder's own file\n")
 
     async def scenario() -> None:
-        intruder = FakeNode(await _connect(cluster.port))
+        intruder = FakeNode(await connect_grpc(cluster.port))
         try:
             assert (await intruder.hello("intruder"))["t"] == "welcome"
             # A job for node0 only: the intruder knows its id but is not a target.
@@ -111,7 +54,7 @@ def test_node_fetches_only_files_of_its_own_jobs(make_cluster: Any) -> None:
                 assert "r" not in rep and SECRET not in repr(rep).encode()
             assert "no such job for this node" in refused[0]["err"]
             assert "no such job for this node" in refused[1]["err"]
-            assert "no such file in this job" in refused[2]["err"]
+            assert "no such file or offset in this job" in refused[2]["err"]
 
             # Its own file is served; a path smuggled into the request is ignored.
             rep = await intruder.chunk(job=own, index=0, offset=0, path=str(secret))
@@ -132,7 +75,7 @@ def test_node_cannot_take_a_connected_nodes_identity(make_cluster: Any) -> None:
     cluster: Cluster = make_cluster(nodes=1)
 
     async def scenario() -> dict[str, Any]:
-        impostor = FakeNode(await _connect(cluster.port))
+        impostor = FakeNode(await connect_grpc(cluster.port))
         try:
             return await impostor.hello("node0")
         finally:
@@ -151,7 +94,7 @@ def test_requests_before_a_valid_hello_are_refused(make_cluster: Any) -> None:
     ]
 
     async def scenario(first: dict[str, Any]) -> dict[str, Any]:
-        peer = FakeNode(await _connect(cluster.port))
+        peer = FakeNode(await connect_grpc(cluster.port))
         try:
             await peer.send(first)
             return await peer.recv_until(lambda e: True)
