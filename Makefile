@@ -16,6 +16,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The end-to-end tests mostly wait on processes and sockets: four workers on two
+# cores halve the run (each module, with its clusters, stays on one worker).
+PYTEST_WORKERS ?= 4
 
 .PHONY: all demo test fuzz setup check bench venv clean
 
@@ -39,7 +42,8 @@ setup:
 	@PYTHON=$(PYTHON) bash .ci/setup
 
 test: $(STAMP) setup
-	$(BIN)/python -m pytest --cov=directord --cov-branch --cov-report=term $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope \
+	  --cov=directord --cov-branch --cov-report=term $(PYTEST_ARGS)
 
 fuzz: $(STAMP) setup
 	$(BIN)/python -m pytest -m fuzz --hypothesis-profile fuzz $(PYTEST_ARGS)

@@ -64,7 +64,9 @@ from directord.transports.base import Connection, ConnectionHandler, Transport
 
 log = logging.getLogger(__name__)
 Headers = dict[str, str]
-CLOSE_NOTICE_WAIT = 1.0
+# Seconds a close marker may take; past that the peer finds out from heartbeats. Generous:
+# a busy loop or broker must not swallow it, an absent broker must not hold a close up.
+CLOSE_NOTICE_WAIT = 3.0
 #: Bytes of one session's messages waiting to be read, beyond which the session is dropped.
 SESSION_QUEUE_BYTES = 4 * MAX_FRAME
 #: Seconds between two warnings about dropped messages of one kind and node.
