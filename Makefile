@@ -60,5 +60,11 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 
+# The documentation site from docs/ and mkdocs.yml into site/; --strict makes a
+# broken link or anchor an error. Nothing is fetched from the network.
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

@@ -16,9 +16,10 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from directord.config import Settings
+from directord.config import Settings, load_settings
 from directord.connect import APIClient
 from directord.localcluster import LocalCluster
 from directord.protocol import PROTOCOL_VERSION
@@ -72,7 +73,8 @@ async def sim_node(settings: Settings, ready: asyncio.Event, count: list[int]) -
 
 
 async def run(cluster: LocalCluster, args: argparse.Namespace) -> tuple[list[float], float]:
-    base = {
+    # Every driver's options, resolved as the CLI resolves them: the selected one is used.
+    flags = {
         "driver": args.driver,
         "heartbeat_interval": 60.0,
         "broker_namespace": cluster.namespace,
@@ -81,12 +83,13 @@ async def run(cluster: LocalCluster, args: argparse.Namespace) -> tuple[list[flo
         "zmq_server_address": "127.0.0.1",
         "job_port": cluster.port,
     }
+    base = load_settings(flags, {"DIRECTORD_CONFIG_FILE": "/dev/null"})
     assert cluster.server is not None
     before = rss_kib(cluster.server.pid)
     ready = asyncio.Event()
     count = [0, args.clients]
     nodes = [
-        asyncio.create_task(sim_node(Settings(identity=f"sim{i:03d}", **base), ready, count))
+        asyncio.create_task(sim_node(replace(base, identity=f"sim{i:03d}"), ready, count))
         for i in range(args.clients)
     ]
     await asyncio.wait_for(ready.wait(), 120)

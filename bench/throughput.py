@@ -2,7 +2,9 @@
 
 Prints wall seconds, jobs/s, the machine's spawn floor measured in the same run
 (N times the cost of spawning /bin/sh -c "echo hello world", divided by the
-cores), and p50/p95 of one exec --wait round trip through the user API.
+cores), the CPU each kind of process spent per job (server, agents, the shells
+they ran, the CLI), read from /proc, and p50/p95 of one exec --wait round trip
+through the user API. CPU per job is the figure that carries between machines.
 
     python bench/throughput.py [--nodes 6] [--jobs 1000] [--rounds 100]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +24,27 @@ from pathlib import Path
 
 from directord.connect import APIClient
 from directord.localcluster import LocalCluster
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(own CPU, CPU of its reaped children) of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+    return (utime + stime) / TICK, (cutime + cstime) / TICK
+
+
+def cluster_cpu(cluster: LocalCluster) -> dict[str, float]:
+    """CPU so far: the server, the agents, and the shells the agents reaped."""
+    assert cluster.server is not None
+    server, _ = cpu_seconds(cluster.server.pid)
+    agents = shells = 0.0
+    for proc in cluster.clients.values():
+        own, children = cpu_seconds(proc.pid)
+        agents += own
+        shells += children
+    return {"server": server, "agents": agents, "shells": shells}
 
 
 def spawn_floor(total_jobs: int, samples: int = 500) -> tuple[float, float]:
@@ -143,9 +167,17 @@ def run(
             server_args=server_args,
             client_args=client_args,
         ) as cluster:
+            before = cluster_cpu(cluster)
+            cli_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             proc = cluster.cli("orchestrate", str(orch), "--wait", timeout=600)
             wall = time.perf_counter() - t0
+            cli_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            after = cluster_cpu(cluster)
+            cpu = {k: after[k] - before[k] for k in after}
+            cpu["cli"] = (cli_after.ru_utime + cli_after.ru_stime) - (
+                cli_before.ru_utime + cli_before.ru_stime
+            )
             if proc.returncode != 0:
                 print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
                 return 1
@@ -164,6 +196,8 @@ def run(
         f"{os.cpu_count()} cores)"
     )
     print(f"[{label}] wall / floor    {wall / floor:8.2f} x  (target <= 1.5)")
+    per_job = "  ".join(f"{k} {v / total * 1000:.3f}" for k, v in cpu.items())
+    print(f"[{label}] CPU ms per job  {per_job}")
     print(
         f"[{label}] exec --wait     p50 {p50 * 1000:.1f} ms  p95 {p95 * 1000:.1f} ms "
         f"over {len(lat)} rounds via the API (target p50 < 20 ms)"

@@ -9,7 +9,7 @@ from typing import Any
 from directord.config import Settings
 from directord.protocol import PROTOCOL_VERSION, decode_batch, encode_batch
 from directord.transports.base import Connection
-from directord.transports.grpc import GrpcTransport
+from directord.transports.grpc import GrpcOptions, GrpcTransport
 
 REPLY_TIMEOUT = 30.0
 
@@ -71,6 +71,7 @@ class FakeNode:
 
 async def connect_grpc(port: int) -> Connection:
     """A raw gRPC connection to a server on 127.0.0.1 (no TLS)."""
-    transport = GrpcTransport(Settings(grpc_server_address="127.0.0.1", grpc_port=port))
+    options = GrpcOptions(grpc_server_address="127.0.0.1", grpc_port=port)
+    transport = GrpcTransport(Settings(), options)
     transport.connect_timeout = 30.0  # a loaded machine may be slow to answer
     return await transport.connect()

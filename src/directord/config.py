@@ -2,29 +2,44 @@
 
 Precedence, highest first: command-line flags, environment variables
 (``DIRECTORD_<NAME>``), the YAML config file (``/etc/directord/config.yaml``,
-or ``--config-file``), then the defaults declared on :class:`Settings`.
-Keys of the config file are the option names in snake_case; an unknown key
-or a value of the wrong type is a :class:`ConfigError` naming the key and the
-file. After :func:`load_settings` returns, nothing else reads the environment.
+or ``--config-file``), then the defaults the options declare. Keys of the
+config file are the option names in snake_case; an unknown key or a value of
+the wrong type is a :class:`ConfigError` naming the key and the file. After
+:func:`load_settings` returns, nothing else reads the environment.
+
+Options come in two kinds, resolved together:
+
+* :class:`Settings` declares the options common to every driver (identity,
+  heartbeat, datastore, the user API ...).
+* Each messaging driver declares its own in a :class:`TransportOptions`
+  subclass (``GrpcOptions``, ``ZmqOptions`` ...) that its Transport names in
+  ``options``. Drivers register in the ``directord.transports`` entry-point
+  group, so a third-party driver's options become config keys, env vars and
+  flags exactly like the built-ins'. Option names form one namespace: a config
+  file may hold keys of several drivers (operators share one file), every
+  known driver's keys are checked, and only the selected driver's options
+  object goes to the driver.
 
 Secrets need never be on a command line (which every local user can read in
 ``/proc``): each comes from the environment or from a file (``*_file``
 options) that only its owner may read, resolved here into the option the
-driver uses.
+driver uses (:meth:`TransportOptions.with_secrets`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, get_type_hints
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, Self, TypeVar, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -33,9 +48,26 @@ from directord.errors import ConfigError
 DEFAULT_CONFIG_FILE = "/etc/directord/config.yaml"
 ENV_PREFIX = "DIRECTORD_"
 DRIVER_ALIASES = {"grpcd": "grpc", "zeromq": "zmq"}
+#: The entry-point group drivers register in (name: what ``--driver`` selects).
+TRANSPORT_GROUP = "directord.transports"
+#: The types an option may have: what a flag, an env var and a YAML scalar can all carry.
+OPTION_TYPES: tuple[type, ...] = (str, int, float, bool)
+
+T = TypeVar("T")
 
 
-def _opt(default: Any, help: str, *scopes: str, choices: tuple[str, ...] = ()) -> Any:
+def option(default: T, help: str, *scopes: str, choices: tuple[str, ...] = ()) -> T:
+    """Declare an option: a dataclass field carrying its default, help text and scopes.
+
+    Used by :class:`Settings` and by every driver's :class:`TransportOptions`.
+
+    Args:
+        default: the value when no flag, env var or config key gives one.
+        help: the flag's help text.
+        scopes: the commands whose flags show it: ``server``, ``client``, ``user``
+            (exec, orchestrate, manage), ``pki``; none means every command.
+        choices: the accepted values, when they form a closed set.
+    """
     return field(
         default=default,
         metadata={"help": help, "scopes": frozenset(scopes or ("all",)), "choices": choices},
@@ -43,229 +75,251 @@ def _opt(default: Any, help: str, *scopes: str, choices: tuple[str, ...] = ()) -
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Every option directord knows, with its default and help text.
+class TransportOptions:
+    """A driver's options; the base class has none (the memory driver's).
 
-    Scopes say which commands show the flag: ``all``, ``server``, ``client``,
-    ``user`` (exec, orchestrate, manage).
+    A driver subclasses it as a frozen, slotted dataclass whose fields are
+    :func:`option` s of type str, int, float or bool, and names the class in
+    its Transport's ``options``. Each field is a config key, a
+    ``DIRECTORD_<NAME>`` env var and a ``--flag``. Names are shared by every
+    driver: prefix them with the driver's name. A field of the same name and
+    type in two drivers is one option (the broker drivers share
+    ``broker_namespace`` so); one that clashes with a common option or with
+    another driver's of another type leaves its driver out.
     """
 
-    config_file: str = _opt(DEFAULT_CONFIG_FILE, "YAML config file; keys are option names")
-    driver: str = _opt("grpc", "messaging driver (grpc, alias grpcd)", "server", "client")
-    identity: str = _opt("", "node identity (default: the hostname)", "client")
-    debug: bool = _opt(False, "log at DEBUG level")
-    heartbeat_interval: float = _opt(
+    def check(self) -> None:
+        """Refuse values that contradict each other; run for every driver, every command.
+
+        Raises:
+            ConfigError: naming the key at fault.
+        """
+
+    def with_secrets(self) -> Self:
+        """These options with their ``*_file`` secrets read in.
+
+        Only the daemons call it, and only for the selected driver: an operator
+        sharing their config file need not be able to read their secrets.
+
+        Raises:
+            ConfigError: a secret file is unreadable, open to others or malformed.
+        """
+        return self
+
+
+OptionsT = TypeVar("OptionsT", bound=TransportOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The options common to every driver, and the drivers' resolved options.
+
+    Scopes say which commands show the flag: ``all``, ``server``, ``client``,
+    ``user`` (exec, orchestrate, manage). Each driver's own options are in
+    :attr:`transport_options`, one object per known driver; :meth:`options`
+    finds one.
+    """
+
+    config_file: str = option(DEFAULT_CONFIG_FILE, "YAML config file; keys are option names")
+    driver: str = option("grpc", "messaging driver (grpc, alias grpcd)", "server", "client")
+    identity: str = option("", "node identity (default: the hostname)", "client")
+    debug: bool = option(False, "log at DEBUG level")
+    heartbeat_interval: float = option(
         60.0,
         "seconds between heartbeats; a node silent for 3 intervals is offline",
         "server",
         "client",
     )
-    socket_path: str = _opt("/var/run/directord.sock", "the server's user API socket")
-    socket_group: str = _opt("", "group owning the API socket (mode 0660)", "server")
-    cache_path: str = _opt(
+    socket_path: str = option("/var/run/directord.sock", "the server's user API socket")
+    socket_group: str = option("", "group owning the API socket (mode 0660)", "server")
+    cache_path: str = option(
         "/var/cache/directord", "the client's persistent cache directory", "client", "user"
     )
-    datastore: str = _opt(
+    datastore: str = option(
         "sqlite:///var/lib/directord/directord.db",
         "server datastore URL: memory, file:///DIR, sqlite:///FILE, redis[s]://HOST:PORT/DB",
         "server",
     )
-    file_store: str = _opt(
+    file_store: str = option(
         "",
         "directory of the files uploaded for COPY/ADD jobs (default: files/ beside an "
         "sqlite or file datastore, else /var/lib/directord/files)",
         "server",
     )
-    machine_id: str = _opt(
+    machine_id: str = option(
         "", "machine id reported by the client (default /etc/machine-id)", "client"
     )
-    ready_file: str = _opt(
+    ready_file: str = option(
         "", "write a JSON line here once listening/registered", "server", "client"
     )
-    grpc_port: int = _opt(5558, "gRPC server port (0 picks a free port)", "server", "client")
-    grpc_bind_address: str = _opt(
-        "0.0.0.0", "address the gRPC server binds, or unix:/PATH", "server"
-    )
-    grpc_server_address: str = _opt(
-        "127.0.0.1", "server address clients dial, or unix:/PATH", "client"
-    )
-    grpc_server_workers: int = _opt(4, "gRPC server worker threads", "server")
-    grpc_compression: bool = _opt(
-        False,
-        "gzip gRPC messages (helps slow links; costs CPU and slows file transfer)",
-        "server",
-        "client",
-    )
-    grpc_disable_compression: bool = _opt(
-        False,
-        "accepted for compatibility: compression is off unless --grpc-compression",
-        "server",
-        "client",
-    )
-    grpc_ssl: bool = _opt(False, "enable TLS on the gRPC driver", "server", "client")
-    grpc_ssl_ca: str = _opt(
-        "/etc/pki/ca-trust/source/anchors/cm-local-ca.pem",
-        "CA certificate that signs server and client certificates",
-        "server",
-        "client",
-    )
-    grpc_ssl_cert: str = _opt(
-        "/etc/directord/grpc/ssl/directord.crt",
-        "this side's certificate (server; client with client auth)",
-        "server",
-        "client",
-    )
-    grpc_ssl_key: str = _opt(
-        "/etc/directord/grpc/ssl/directord.key", "this side's private key", "server", "client"
-    )
-    grpc_ssl_client_auth: bool = _opt(
-        False,
-        "require client certificates (mTLS); a client's identity is its certificate's name",
-        "server",
-        "client",
-    )
-    grpc_ssl_crl: str = _opt(
-        "", "CRL checked at every connection (default: crl.pem beside the CA, if present)", "server"
-    )
-    zmq_server_address: str = _opt("127.0.0.1", "server address ZeroMQ clients dial", "client")
-    zmq_bind_address: str = _opt("0.0.0.0", "address the ZeroMQ server binds", "server")
-    job_port: int = _opt(5555, "ZeroMQ port (0 picks a free port)", "server", "client")
-    backend_port: int = _opt(
-        5556, "accepted for compatibility; the ZeroMQ driver uses one channel", "server", "client"
-    )
-    zmq_shared_key: str = _opt(
-        "", "ZeroMQ shared key: authenticates, does NOT encrypt", "server", "client"
-    )
-    zmq_shared_key_file: str = _opt(
-        "",
-        "file holding the ZeroMQ shared key, private to its owner (instead of --zmq-shared-key)",
-        "server",
-        "client",
-    )
-    zmq_curve_encryption: bool = _opt(
-        False, "ZeroMQ Curve25519 encryption (on by itself when keys exist)", "server", "client"
-    )
-    zmq_key_dir: str = _opt(
-        "/etc/directord", "holds public_keys/ and private_keys/", "server", "client"
-    )
-    zmq_rotation_grace: float = _opt(
-        600.0,
-        "seconds a rotated server key waits for clients still on the old key to leave",
-        "server",
-    )
-    broker_namespace: str = _opt(
-        "directord",
-        "prefix of queue/subject names on a broker (one per cluster)",
-        "server",
-        "client",
-    )
-    messaging_url: str = _opt(
-        "amqp://guest:guest@127.0.0.1:5672/",
-        "RabbitMQ URL for --driver messaging",
-        "server",
-        "client",
-    )
-    messaging_password_file: str = _opt(
-        "",
-        "file holding the RabbitMQ password, private to its owner; replaces the URL's",
-        "server",
-        "client",
-    )
-    messaging_ssl: bool = _opt(False, "TLS to RabbitMQ", "server", "client")
-    messaging_ssl_ca: str = _opt("", "CA that signed RabbitMQ's certificate", "server", "client")
-    messaging_ssl_cert: str = _opt("", "client certificate for RabbitMQ", "server", "client")
-    messaging_ssl_key: str = _opt("", "key of --messaging-ssl-cert", "server", "client")
-    messaging_queue_ttl: float = _opt(
-        3600.0,
-        "seconds a node's queue (RabbitMQ) or parked jobs (NATS JetStream) wait for it",
-        "server",
-        "client",
-    )
-    messaging_bind_identity: bool = _opt(
-        False, "each node logs in to RabbitMQ as its identity; trust nothing else", "server"
-    )
-    nats_url: str = _opt(
-        "nats://127.0.0.1:4222", "NATS server URL(s), comma separated", "server", "client"
-    )
-    nats_password_file: str = _opt(
-        "",
-        "file holding the NATS password, private to its owner; replaces each URL's",
-        "server",
-        "client",
-    )
-    nats_nkey_seed: str = _opt("", "NKEY seed file for NATS", "server", "client")
-    nats_creds: str = _opt("", "NATS .creds file", "server", "client")
-    nats_tls: bool = _opt(False, "TLS to NATS", "server", "client")
-    nats_tls_ca: str = _opt("", "CA that signed the NATS server's certificate", "server", "client")
-    nats_tls_cert: str = _opt("", "client certificate for NATS (mTLS)", "server", "client")
-    nats_tls_key: str = _opt("", "key of --nats-tls-cert", "server", "client")
-    pki_dir: str = _opt(
+    pki_dir: str = option(
         "/etc/directord/pki", "directory of the built-in PKI (directord pki)", "pki"
     )
-    allowed_node_names: str = _opt(
+    allowed_node_names: str = option(
         "", "comma-separated identities allowed to register (empty: any)", "server"
     )
-    api_bind: str = _opt(
+    api_bind: str = option(
         "",
         "also serve the user API on this TCP address, with TLS and required client certificates",
         "server",
     )
-    api_port: int = _opt(5560, "TCP port of the user API (with --api-bind)", "server")
-    api_url: str = _opt("", "reach the API at tls://HOST:PORT instead of --socket-path", "user")
-    ca: str = _opt("", "CA certificate for the API over TCP", "server", "user")
-    cert: str = _opt(
+    api_port: int = option(5560, "TCP port of the user API (with --api-bind)", "server")
+    api_url: str = option("", "reach the API at tls://HOST:PORT instead of --socket-path", "user")
+    ca: str = option("", "CA certificate for the API over TCP", "server", "user")
+    cert: str = option(
         "", "certificate for the API over TCP (server's, or the user's)", "server", "user"
     )
-    key: str = _opt("", "private key for the API over TCP", "server", "user")
-    api_idle_timeout: float = _opt(
+    key: str = option("", "private key for the API over TCP", "server", "user")
+    api_idle_timeout: float = option(
         300.0,
         "seconds an API connection may send nothing before the server closes it "
         "(0: never); a watch in progress is not idle",
         "server",
     )
-    api_max_connections: int = _opt(
+    api_max_connections: int = option(
         100,
         "API connections open at once, Unix socket and TCP together; more are refused",
         "server",
     )
-    query_max_bytes: int = _opt(
+    query_max_bytes: int = option(
         1024 * 1024,
         "largest value a node may report for a QUERY (msgpack bytes); a larger one fails it",
         "server",
     )
-    insecure: bool = _opt(
+    insecure: bool = option(
         False,
         "let the server listen without TLS or authentication on a non-loopback address",
         "server",
     )
-    job_timeout_grace: float = _opt(
+    job_timeout_grace: float = option(
         5.0,
         "seconds beyond a job's timeout before the server calls it lost/undelivered",
         "server",
     )
 
+    #: every known driver's options, resolved (not an option itself)
+    transport_options: tuple[TransportOptions, ...] = ()
+
     def resolved_identity(self) -> str:
         """The node identity: ``--identity`` or the hostname."""
         return self.identity or socket.gethostname()
 
+    def options(self, kind: type[OptionsT]) -> OptionsT:
+        """The resolved options of class ``kind``, or its defaults if none were resolved."""
+        for opts in self.transport_options:
+            if isinstance(opts, kind) and type(opts) is kind:
+                return opts
+        return kind()
 
-_HINTS: dict[str, Any] = {}
+
+def _is_option(f: dataclasses.Field[Any]) -> bool:
+    return "help" in f.metadata
 
 
-def _field_types() -> dict[str, type]:
-    if not _HINTS:
-        _HINTS.update(get_type_hints(Settings))
-    return _HINTS
+@dataclass(frozen=True, slots=True)
+class Drivers:
+    """The registered drivers and every option they and :class:`Settings` declare.
+
+    Attributes:
+        options: driver name -> its options class, for each driver that loaded.
+        problems: driver name -> why it is left out (it failed to import, or its
+            options are malformed or clash with others').
+        fields: option name -> its declaration: the common options first, then
+            the drivers' (built-in drivers first, each group by name).
+        types: option name -> its type (one of :data:`OPTION_TYPES`).
+    """
+
+    options: Mapping[str, type[TransportOptions]]
+    problems: Mapping[str, str]
+    fields: Mapping[str, dataclasses.Field[Any]]
+    types: Mapping[str, type]
+
+
+def driver_entry_points() -> dict[str, EntryPoint]:
+    """The entry points of the ``directord.transports`` group, by driver name."""
+    return {ep.name: ep for ep in entry_points(group=TRANSPORT_GROUP)}
+
+
+def _declaration_problem(
+    kind: type[TransportOptions],
+    hints: Mapping[str, Any],
+    types: Mapping[str, type],
+    owners: Mapping[str, str],
+) -> str:
+    """Why ``kind`` cannot be a driver's options class, or ''."""
+    if "__dataclass_fields__" not in vars(kind):
+        return f"{kind.__qualname__} is not a dataclass of its own"
+    for f in dataclasses.fields(kind):
+        kind_of = hints.get(f.name)
+        if not _is_option(f):
+            return f"option {f.name!r} is not declared with directord.config.option()"
+        if kind_of not in OPTION_TYPES:
+            return f"option {f.name!r} has type {kind_of!r}; an option is a str, int, float or bool"
+        owner = owners.get(f.name)
+        if owner == "":
+            return f"option {f.name!r} is a common option: a driver may not declare it"
+        if owner is not None and types[f.name] is not kind_of:
+            return (
+                f"option {f.name!r} has type {kind_of.__name__} here, "
+                f"{types[f.name].__name__} in driver {owner!r}"
+            )
+    return ""
+
+
+@functools.cache
+def drivers() -> Drivers:
+    """Load every registered driver once; its options class tells its options.
+
+    A driver module must import without its library (pyzmq, aio-pika ...): the
+    library is imported when the driver is built, so only the selected driver's
+    is. A driver that fails to load is left out and its options are unknown;
+    selecting it reports why.
+    """
+    common = {f.name: f for f in dataclasses.fields(Settings) if _is_option(f)}
+    settings_hints = get_type_hints(Settings)
+    fields: dict[str, dataclasses.Field[Any]] = dict(common)
+    types: dict[str, type] = {name: settings_hints[name] for name in common}
+    owners: dict[str, str] = dict.fromkeys(common, "")
+    options: dict[str, type[TransportOptions]] = {}
+    problems: dict[str, str] = {}
+    found = driver_entry_points().values()
+    for ep in sorted(found, key=lambda ep: (not ep.value.startswith("directord."), ep.name)):
+        try:
+            cls = ep.load()
+            kind = getattr(cls, "options", None)
+            if not (isinstance(kind, type) and issubclass(kind, TransportOptions)):
+                problems[ep.name] = f"{ep.value} names no TransportOptions class in 'options'"
+                continue
+            hints = get_type_hints(kind)
+        except Exception as exc:  # a broken plugin must not stop the other drivers
+            problems[ep.name] = f"cannot load {ep.value}: {type(exc).__name__}: {exc}"
+            continue
+        problem = _declaration_problem(kind, hints, types, owners)
+        if problem:
+            problems[ep.name] = f"{ep.value}: {problem}"
+            continue
+        for f in dataclasses.fields(kind):
+            if f.name not in fields:
+                fields[f.name] = f
+                types[f.name] = hints[f.name]
+                owners[f.name] = ep.name
+        options[ep.name] = kind
+    return Drivers(options, problems, fields, types)
 
 
 def option_fields() -> tuple[dataclasses.Field[Any], ...]:
-    """The declared options, in declaration order."""
-    return dataclasses.fields(Settings)
+    """Every declared option: the common ones, then every known driver's."""
+    return tuple(drivers().fields.values())
+
+
+def option_type(name: str) -> type:
+    """The type of option ``name`` (str, int, float or bool)."""
+    return drivers().types[name]
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check (file) or convert (env, flag strings) a value to the option's type."""
-    kind = _field_types()[name]
+    kind = option_type(name)
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         try:
@@ -291,8 +345,17 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def _unknown_key(key: str, path: str) -> ConfigError:
+    problems = drivers().problems
+    # A key of a driver that did not load is unknown too: say which drivers those are.
+    hint = "".join(f"; driver {name!r} is left out ({why})" for name, why in problems.items())
+    return ConfigError(f"unknown key {key!r}{hint}", key=key, source=path)
+
+
 def read_config_file(path: str, *, required: bool) -> dict[str, Any]:
     """Read and validate a YAML config file.
+
+    Keys of every known driver are accepted, whichever driver is selected.
 
     Raises:
         ConfigError: the file is unreadable, not a mapping, has an unknown key or a bad type.
@@ -315,20 +378,20 @@ def read_config_file(path: str, *, required: bool) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping of option names to values", source=path)
-    known = _field_types()
+    known = drivers().types
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known or name == "config_file":
-            raise ConfigError(f"unknown key {key!r}", key=str(key), source=path)
+            raise _unknown_key(str(key), path)
         out[name] = _coerce(name, value, path)
     return out
 
 
 def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Options set as ``DIRECTORD_<NAME>`` environment variables."""
+    """Options set as ``DIRECTORD_<NAME>`` environment variables (every known driver's too)."""
     out: dict[str, Any] = {}
-    for name in _field_types():
+    for name in drivers().types:
         var = ENV_PREFIX + name.upper()
         if var in environ:
             out[name] = _coerce(name, environ[var], var)
@@ -336,9 +399,6 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 SECRET_FILE_LIMIT = 64 * 1024
-# A NATS URL carries its password as written (nats-py does not percent-decode it),
-# so these would end or split the URL.
-_NATS_UNSAFE = frozenset("/?#,[]")
 
 
 def read_secret_file(key: str, path: str) -> str:
@@ -381,8 +441,19 @@ def read_secret_file(key: str, path: str) -> str:
     return secret
 
 
-def _with_password(url: str, password: str, key: str, file_key: str, path: str) -> str:
-    """``url`` with ``password`` for the user it names."""
+def url_with_password(url: str, password: str, key: str, file_key: str, path: str) -> str:
+    """``url`` with ``password`` (already escaped as the URL needs) for the user it names.
+
+    Args:
+        url: the URL of option ``key``.
+        password: the secret read from ``path``, the file option ``file_key`` names.
+        key: the URL's option, for the error.
+        file_key: the password file's option, for the error.
+        path: the password file, for the error.
+
+    Raises:
+        ConfigError: the URL names no user.
+    """
     parts = urlsplit(url)
     user, at, host = parts.netloc.rpartition("@")
     if not at or not user.partition(":")[0]:
@@ -395,41 +466,6 @@ def _with_password(url: str, password: str, key: str, file_key: str, path: str) 
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _resolve_secret_files(values: dict[str, Any], *, read: bool) -> None:
-    """Read the ``*_file`` secrets into the options the drivers use (only check, unless read)."""
-    path = values.get("zmq_shared_key_file")
-    if path and values.get("zmq_shared_key"):
-        raise ConfigError(
-            "zmq_shared_key and zmq_shared_key_file are both set; give one",
-            key="zmq_shared_key_file",
-        )
-    if not read:
-        return
-    if path:
-        values["zmq_shared_key"] = read_secret_file("zmq_shared_key_file", path)
-    path = values.get("messaging_password_file")
-    if path:
-        password = quote(read_secret_file("messaging_password_file", path), safe="")
-        url = values.get("messaging_url", Settings().messaging_url)
-        values["messaging_url"] = _with_password(
-            url, password, "messaging_url", "messaging_password_file", path
-        )
-    path = values.get("nats_password_file")
-    if path:
-        password = read_secret_file("nats_password_file", path)
-        if _NATS_UNSAFE & set(password) or not password.isprintable():
-            raise ConfigError(
-                "nats_password_file: a NATS URL cannot carry this password (it holds one of "
-                "/ ? # , [ ] or a control character); choose another or use nats_creds",
-                key="nats_password_file",
-                source=path,
-            )
-        urls = [u.strip() for u in values.get("nats_url", Settings().nats_url).split(",")]
-        values["nats_url"] = ",".join(
-            _with_password(u, password, "nats_url", "nats_password_file", path) for u in urls if u
-        )
-
-
 def load_settings(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -438,13 +474,16 @@ def load_settings(
 ) -> Settings:
     """Resolve settings: flags > env > file > defaults.
 
+    Every known driver's options are resolved from the same values (and
+    checked); only the selected driver's secret files are read.
+
     Args:
         flags: options given explicitly on the command line (snake_case names).
         environ: the environment to read; defaults to ``os.environ``.
-        secrets: read the secret files (``zmq_shared_key_file``, ...) into the
-            options they stand for. Commands that do not connect a driver
-            (``exec``, ``manage`` ...) skip them: an operator sharing the
-            daemons' config file need not be able to read their secrets.
+        secrets: read the selected driver's secret files (``zmq_shared_key_file``,
+            ...) into the options they stand for. Commands that do not connect
+            a driver (``exec``, ``manage`` ...) skip them: an operator sharing
+            the daemons' config file need not be able to read their secrets.
 
     Raises:
         ConfigError: a bad value anywhere, naming its source; a secret file
@@ -462,8 +501,19 @@ def load_settings(
         values["driver"] = DRIVER_ALIASES.get(values["driver"], values["driver"])
     if config_file:
         values["config_file"] = config_file
-    _resolve_secret_files(values, read=secrets)
-    settings = Settings(**values)
+    registry = drivers()
+    resolved: list[TransportOptions] = []
+    for kind in dict.fromkeys(registry.options.values()):
+        names = {f.name for f in dataclasses.fields(kind)}
+        opts = kind(**{name: value for name, value in values.items() if name in names})
+        opts.check()
+        resolved.append(opts)
+    common = {f.name for f in dataclasses.fields(Settings) if _is_option(f)}
+    settings = Settings(**{name: value for name, value in values.items() if name in common})
+    selected = registry.options.get(settings.driver)
+    if secrets and selected is not None:
+        resolved = [o.with_secrets() if type(o) is selected else o for o in resolved]
+    settings = dataclasses.replace(settings, transport_options=tuple(resolved))
     # `not x > 0` also refuses NaN, which would compare false everywhere downstream.
     if not 0 < settings.heartbeat_interval < math.inf:
         raise ConfigError(

@@ -25,12 +25,14 @@ from directord.config import Settings
 from directord.errors import (
     APIError,
     ConfigError,
+    JobTimeout,
     OrchestrationError,
     ProtocolError,
     ServerUnavailable,
+    remote_error,
 )
 from directord.models import SourceFile
-from directord.protocol import Envelope, FrameDecoder, frame
+from directord.protocol import FROM_API, ApiEvent, ApiReply, ApiRequest, Bye, FrameDecoder, frame
 
 DEFAULT_SOCKET = "/var/run/directord.sock"
 #: Bytes per ``file_put`` (the server takes at most this much at once).
@@ -46,6 +48,14 @@ def _readable(writer: asyncio.StreamWriter) -> bool:
         return False
     ready, _, _ = select.select([sock.fileno()], [], [], 0)
     return bool(ready)
+
+
+def _refusal(reply: ApiReply | ApiEvent) -> APIError:
+    """The error a refused call raises: the server's own class, and APIError."""
+    error = reply.error if isinstance(reply, ApiReply) else None
+    if error is None:
+        return remote_error("protocol", "unexpected answer from the server")
+    return remote_error(error.code, error.msg)
 
 
 class _Closed(Exception):
@@ -67,8 +77,8 @@ class APIClient:
         self._ssl = ssl_context
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._decoder = FrameDecoder()
-        self._pending: list[Envelope] = []
+        self._decoder = FrameDecoder(FROM_API)
+        self._pending: list[ApiReply | ApiEvent | Bye] = []
         self._rid = 0
 
     async def connect(self) -> None:
@@ -142,14 +152,14 @@ class APIClient:
             await self.connect()
         assert self._writer is not None
         self._rid += 1
-        self._writer.write(frame([{"t": "req", "rid": self._rid, "m": method, "p": params}]))
+        self._writer.write(frame([ApiRequest(rid=self._rid, method=method, params=params)]))
         with contextlib.suppress(OSError):
             # A closed connection shows when its answer is read: the server's last
             # words (a ``bye``), or the end of the stream.
             await self._writer.drain()
         return self._rid
 
-    async def _next(self) -> Envelope:
+    async def _next(self) -> ApiReply | ApiEvent:
         assert self._reader is not None
         hint = " (was this client's certificate refused?)" if self.url else ""
         while not self._pending:
@@ -163,15 +173,15 @@ class APIClient:
                 raise ServerUnavailable(f"the server closed {self.socket_path}{hint}")
             for batch in self._decoder.feed(data):
                 self._pending.extend(batch)
-        envelope = self._pending.pop(0)
-        if envelope.get("t") == "bye":
-            raise _Closed(str(envelope.get("reason", "")))
-        return envelope
+        message = self._pending.pop(0)
+        if isinstance(message, Bye):
+            raise _Closed(message.reason)
+        return message
 
     async def _reset(self) -> None:
         await self.close()
         self._reader = None
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(FROM_API)
         self._pending.clear()
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -182,12 +192,11 @@ class APIClient:
             ServerUnavailable: the socket is unreachable or closed.
         """
         _, reply = await self._first(method, params or {})
-        if reply.get("ok"):
-            return reply.get("r")
-        err = reply.get("err") or {}
-        raise APIError(str(err.get("msg", "unknown error")), kind=str(err.get("type")))
+        if isinstance(reply, ApiReply) and reply.ok:
+            return reply.result
+        raise _refusal(reply)
 
-    async def _first(self, method: str, params: dict[str, Any]) -> tuple[int, Envelope]:
+    async def _first(self, method: str, params: dict[str, Any]) -> tuple[int, ApiReply | ApiEvent]:
         """Send a request; return its id and the first answer to it.
 
         A server that closed the connection without reading the request (it sat idle
@@ -199,9 +208,9 @@ class APIClient:
             rid = await self._send(method, params)
             try:
                 while True:
-                    envelope = await self._next()
-                    if envelope.get("rid") == rid:
-                        return rid, envelope
+                    message = await self._next()
+                    if message.rid == rid:
+                        return rid, message
             except _Closed as exc:
                 await self._reset()
                 if retried:
@@ -217,7 +226,7 @@ class APIClient:
         jobs: list[str] | None = None,
         output: bool = False,
         summary: bool = False,
-    ) -> AsyncIterator[Envelope]:
+    ) -> AsyncIterator[ApiEvent]:
         """Yield result (and output) events until every watched job has ended.
 
         With ``summary``, successful results come without stdout/stderr.
@@ -227,13 +236,12 @@ class APIClient:
             {"parents": parents or [], "jobs": jobs or [], "output": output, "summary": summary},
         )
         while True:
-            if event.get("rid") != rid:
+            if event.rid != rid:
                 event = await self._next()
                 continue
-            if event.get("t") == "rep" and not event.get("ok"):
-                err = event.get("err") or {}
-                raise APIError(str(err.get("msg")), kind=str(err.get("type")))
-            if event.get("ev") == "done":
+            if not isinstance(event, ApiEvent):
+                raise _refusal(event)
+            if event.ev == "done":
                 return
             yield event
             event = await self._next()
@@ -363,8 +371,8 @@ async def collect(client: APIClient, parents: list[str]) -> dict[str, dict[str, 
     """Wait for orchestrations to end; return ``{job_id: {node: result}}``."""
     results: dict[str, dict[str, Any]] = {}
     async for event in client.watch(parents=parents):
-        if event.get("ev") == "result":
-            results.setdefault(event["job"], {})[event["node"]] = event["result"]
+        if event.ev == "result" and event.result is not None:
+            results.setdefault(event.job, {})[event.node] = event.result
     return results
 
 
@@ -374,7 +382,9 @@ class DirectordConnect:
     Args:
         socket_path: the server's API socket (``--socket-path``).
         api_url: ``tls://HOST:PORT`` to reach the API over TCP instead.
-        ca, cert, key: PEM files for ``api_url`` (client certificates are required).
+        ca: the CA certificate (PEM) that signed the server's, for ``api_url``.
+        cert: this operator's certificate (PEM), for ``api_url``.
+        key: its private key (PEM), for ``api_url``.
     """
 
     def __init__(
@@ -466,7 +476,12 @@ class DirectordConnect:
         return [job for parent in parents for job in parent["jobs"]]
 
     def poll(self, job_id: str, timeout: float | None = None) -> tuple[bool, dict[str, Any]]:
-        """Wait for a job to end everywhere; return (every target ok, job info)."""
+        """Wait for a job to end everywhere; return (every target ok, job info).
+
+        Raises:
+            JobTimeout: it had not ended on every target after ``timeout`` seconds (a
+                TimeoutError too).
+        """
 
         async def wait() -> dict[str, Any]:
             async for _ in self._client.watch(jobs=[job_id]):
@@ -474,7 +489,10 @@ class DirectordConnect:
             info: dict[str, Any] = await self._client.call("job_info", {"id": job_id})
             return info
 
-        info = self._runner.run(asyncio.wait_for(wait(), timeout))
+        try:
+            info = self._runner.run(asyncio.wait_for(wait(), timeout))
+        except TimeoutError:
+            raise JobTimeout(f"job {job_id} did not end within {timeout:g}s") from None
         ok = all(r["state"] in ("success", "skipped-cache") for r in info["results"].values())
         return ok, info
 

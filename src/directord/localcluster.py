@@ -19,14 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from directord.errors import DirectordError
+from directord.errors import ClusterError
 
 START_TIMEOUT = 20.0
 BROKERS = ("messaging", "nats")
-
-
-class ClusterError(DirectordError):
-    """A cluster process failed to start or stopped unexpectedly."""
 
 
 class LocalCluster:

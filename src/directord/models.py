@@ -6,7 +6,9 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
+
+import msgspec
 
 
 class State(enum.StrEnum):
@@ -39,17 +41,22 @@ class State(enum.StrEnum):
 TRANSIENT_OPTIONS = frozenset({"skip_cache", "ignore_cache", "force_lock", "exec_help"})
 
 
-@dataclass(frozen=True, slots=True)
-class FileRef:
+# A file name, never a path: no "/", no NUL, not "." or "..".
+FILE_NAME = r"^(?!\.\.?$)[^/\x00]+$"
+
+
+class FileRef(msgspec.Struct, frozen=True):
     """A file a job carries (COPY/ADD): what the node fetches, checks and names.
 
     The server knows a file only by these three; its content is uploaded by the
-    user who submits the job and kept by SHA-256 (server/filestore.py).
+    user who submits the job and kept by SHA-256 (server/filestore.py). The
+    bounds hold wherever one is decoded (``msgspec.convert``), so a name from a
+    request can never be a path.
     """
 
-    name: str
-    size: int
-    sha256: str
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=FILE_NAME)]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
     def to_dict(self) -> dict[str, Any]:
         """Wire and API form."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import uuid
@@ -31,10 +30,10 @@ import pytest
 from directord.config import Settings
 from directord.errors import ConnectionLost
 from directord.protocol import join_packed, pack
-from directord.transports.amqp import AmqpTransport
+from directord.transports.amqp import AmqpOptions, AmqpTransport
 from directord.transports.base import Connection
 from directord.transports.broker import SESSION_QUEUE_BYTES, BrokerTransport
-from directord.transports.nats import PART_IDLE_TIMEOUT, PARTS_BYTES, NatsTransport
+from directord.transports.nats import PART_IDLE_TIMEOUT, PARTS_BYTES, NatsOptions, NatsTransport
 from tests.brokers import NatsServer, RabbitNode
 from tests.conftest import Cluster
 from tests.e2e.helpers import nodes, uid, wait_for, wait_job
@@ -329,12 +328,10 @@ def test_nats_endless_parts_keep_server_memory_bounded(
 
 
 def broker_transport(driver: str, url: str, namespace: str, identity: str) -> BrokerTransport:
-    settings = Settings(
-        heartbeat_interval=1.0, driver=driver, broker_namespace=namespace, identity=identity
-    )
+    settings = Settings(heartbeat_interval=1.0, driver=driver, identity=identity)
     if driver == "nats":
-        return NatsTransport(dataclasses.replace(settings, nats_url=url))
-    return AmqpTransport(dataclasses.replace(settings, messaging_url=url))
+        return NatsTransport(settings, NatsOptions(broker_namespace=namespace, nats_url=url))
+    return AmqpTransport(settings, AmqpOptions(broker_namespace=namespace, messaging_url=url))
 
 
 def broker_url(request: pytest.FixtureRequest, driver: str) -> str:

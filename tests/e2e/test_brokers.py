@@ -22,7 +22,7 @@ import pytest
 
 from directord import DirectordConnect
 from directord.components import build_job
-from directord.protocol import join_packed, pack
+from directord.protocol import encode_batch
 from directord.transports.nats import consumer_name
 from tests.brokers import NatsServer, RabbitNode, TestPKI, nkey_user
 from tests.conftest import Cluster
@@ -548,7 +548,7 @@ def test_a_forged_parked_job_never_runs(make_cluster: Any) -> None:
         "skip_cache": True,
         "stream": False,
     }
-    asyncio.run(_nats_replace_parked(c, subject, job_id, join_packed([pack(job)])))
+    asyncio.run(_nats_replace_parked(c, subject, job_id, encode_batch([job])))
     c.start_client("node1")
     with DirectordConnect(c.socket_path) as conn:
         ok, info = conn.poll(job_id, timeout=DEADLINE)

@@ -361,7 +361,7 @@ def test_bad_peer_stream_is_closed_and_server_carries_on(make_cluster: Any, kind
     assert code != grpc.StatusCode.DEADLINE_EXCEEDED, "the server left the stream open"
     new_log = log_text(cluster, "server")[log_before:]
     if kind in ("garbage", "truncated"):
-        assert "protocol error: undecodable message" in new_log
+        assert "protocol error: bad node message" in new_log
         assert received == []
     elif kind == "oversized":
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -9,7 +9,13 @@ import pytest
 
 import directord
 from directord import DirectordConnect
-from directord.errors import APIError, DirectordError, ServerUnavailable
+from directord.errors import (
+    APIError,
+    DirectordError,
+    JobTimeout,
+    OrchestrationError,
+    ServerUnavailable,
+)
 from tests.conftest import Cluster
 from tests.e2e.helpers import uid, wait_for
 
@@ -104,6 +110,8 @@ def test_errors_are_raised_not_submitted(cluster: Cluster) -> None:
         with pytest.raises(APIError, match="nope-7") as info:
             conn.orchestrate([{"jobs": [{"RUN": "echo"}]}], defined_targets=["nope-7"])
         assert info.value.kind == "OrchestrationError"
+        # The server's refusal comes out as the server raised it: a usage error.
+        assert isinstance(info.value, OrchestrationError)
         with pytest.raises(DirectordError, match="mapping"):
             conn.orchestrate([{"jobs": ["not a mapping"]}])
         with pytest.raises(DirectordError, match="unknown key"):
@@ -111,6 +119,15 @@ def test_errors_are_raised_not_submitted(cluster: Cluster) -> None:
         assert len(conn.list_jobs()) == before
         # The connection is still usable after refused requests.
         assert sorted(n["identity"] for n in conn.list_nodes()) == ALL
+
+
+def test_poll_gives_up_with_a_typed_timeout(cluster: Cluster) -> None:
+    u = uid()
+    with DirectordConnect(cluster.socket_path) as conn:
+        (job,) = conn.orchestrate([{"jobs": [{"RUN": f"sleep 2; echo {u}"}]}], ["node0"])
+        with pytest.raises(JobTimeout, match=f"job {job} did not end within 0.2s"):
+            conn.poll(job, timeout=0.2)
+        assert conn.poll(job, timeout=60)[0]  # still usable, and the job still ends
 
 
 def test_unreachable_server(tmp_path: Any) -> None:

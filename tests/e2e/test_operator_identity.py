@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from directord.protocol import FrameDecoder, frame
+from directord.protocol import FrameDecoder, PlainBatches, frame
 from directord.security.pki import load_certificate
 from tests.conftest import Cluster
 from tests.e2e.helpers import nodes, raw_cli, uid, wait_for
@@ -293,7 +293,7 @@ CAP = 3
 def ping(sock: socket.socket, rid: int = 1) -> dict[str, Any]:
     """One raw API call on a connected socket; returns its result."""
     sock.sendall(frame([{"t": "req", "rid": rid, "m": "ping", "p": {}}]))
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(PlainBatches())
     while True:
         data = sock.recv(65536)
         assert data, "the server closed the connection"
@@ -336,7 +336,7 @@ def test_an_idle_api_connection_is_closed(limited: Cluster) -> None:
         while chunk := idle.recv(1024):
             said += chunk
         elapsed = time.monotonic() - opened
-        assert FrameDecoder().feed(said) == [[{"t": "bye", "reason": "idle"}]]
+        assert FrameDecoder(PlainBatches()).feed(said) == [[{"t": "bye", "reason": "idle"}]]
     assert IDLE * 0.9 <= elapsed < IDLE + 5.0
     wait_log(limited, "server", "API: closed local pid", f"sent nothing for {IDLE:g}s", after=mark)
     # One that keeps asking stays open past the timeout.

@@ -1,5 +1,10 @@
 """Platform rules on a real cluster: parent failure, cache hits, run-once, timeouts,
-ordering, async orchestrations, --restrict, --finger-print, target precedence, --wait."""
+ordering, async orchestrations, --restrict, --finger-print, target precedence, --wait.
+
+The rules belong to the server and the agent, not to a driver: they are checked
+in process in tests/integration/test_job_rules.py, and here once end to end
+through the CLI, on the default driver (every driver runs the rest of tests/e2e).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from tests.e2e.helpers import (
 )
 
 ALL = ["node0", "node1", "node2"]
+pytestmark = pytest.mark.parametrize("cluster", ["grpc"], indirect=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,9 +27,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from directord.config import Settings
 from directord.connect import APIClient, DirectordConnect
-from directord.protocol import PROTOCOL_VERSION, decode_batch, encode_batch
+from directord.protocol import PROTOCOL_VERSION, decode_batch, encode_batch, to_builtins
 from directord.security.pki import load_certificate, load_private_key
-from directord.transports.grpc import GrpcTransport
+from directord.transports.grpc import GrpcOptions, GrpcTransport
 from tests.conftest import Cluster
 from tests.e2e.helpers import nodes, raw_cli, read_lines, uid, wait_for, wait_job
 
@@ -544,7 +544,7 @@ def test_result_for_another_nodes_job_is_ignored(mtls: Cluster, pkis: tuple[Pki,
         f"--skip-cache echo started-{token}; "
         f"while [ ! -e {flag} ]; do sleep 0.1; done; echo {token}"
     )
-    settings = Settings(
+    options = GrpcOptions(
         grpc_server_address="127.0.0.1",
         grpc_port=mtls.port,
         grpc_ssl=True,
@@ -558,7 +558,7 @@ def test_result_for_another_nodes_job_is_ignored(mtls: Cluster, pkis: tuple[Pki,
     async def watch(job_id: str) -> None:
         async with APIClient(mtls.socket_path) as client:
             async for event in client.watch(jobs=[job_id], output=True):
-                events.append(event)
+                events.append(to_builtins(event))
 
     async def forge() -> str:
         async with APIClient(mtls.socket_path) as client:
@@ -593,7 +593,7 @@ def test_result_for_another_nodes_job_is_ignored(mtls: Cluster, pkis: tuple[Pki,
         async with asyncio.timeout(30):
             while not any(e.get("ev") == "out" and f"started-{token}" in e["data"] for e in events):
                 await asyncio.sleep(0.05)
-        transport = GrpcTransport(settings)
+        transport = GrpcTransport(Settings(), options)
         transport.connect_timeout = 30.0  # a loaded machine may be slow to shake hands
         conn = await transport.connect()
         try:

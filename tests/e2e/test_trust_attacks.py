@@ -192,7 +192,10 @@ def test_a_node_cannot_register_under_a_reserved_name(
         ),
         f"the server to refuse {name}",
     )
-    assert any("server refused this client" in line for line in read_lines(cluster.log(name)))
+    wait_for(
+        lambda: any("server refused this client" in line for line in read_lines(cluster.log(name))),
+        f"{name} to log the refusal",
+    )
     assert name not in nodes(cluster)
 
 
@@ -293,21 +296,48 @@ def test_a_node_learns_job_states_only_through_its_own_job_wait(
 
     async def spy() -> list[dict[str, Any]]:
         async with fake_node(cluster, "mole") as mole:
+            # A JOB_WAIT of mole's own, waiting for another job on mole alone.
+            other = uid()
+            await asyncio.to_thread(
+                submit,
+                cluster,
+                "exec",
+                "--verb",
+                "JOB_WAIT",
+                "--job-timeout",
+                "5",
+                other,
+                "--target",
+                "mole",
+            )
+            wait = await mole.recv_until(lambda e: e["t"] == "job")
             return [
                 # No job at all, then node0's own job as the "asker": neither targets mole.
                 await mole.request("job_status", {"sha": sha, "identities": ["node0"]}),
                 await mole.request(
                     "job_status", {"job": job_id, "sha": sha, "identities": ["node0"]}
                 ),
+                # Its own JOB_WAIT, for a job or a node that JOB_WAIT does not name.
+                await mole.request(
+                    "job_status", {"job": wait["id"], "sha": sha, "identities": ["mole"]}
+                ),
+                await mole.request(
+                    "job_status", {"job": wait["id"], "sha": other, "identities": ["node0"]}
+                ),
+                # What it does name: answered (nothing ran, so no state yet).
+                await mole.request(
+                    "job_status", {"job": wait["id"], "sha": other, "identities": ["mole"]}
+                ),
             ]
 
     replies = asyncio.run(spy())
-    assert [r["ok"] for r in replies] == [False, False]
-    assert all("no JOB_WAIT of this node names that job" in r["err"] for r in replies)
-    assert any(
-        "node mole asked for the status of job" in line
-        for line in read_lines(cluster.log("server"))
-    )
+    assert [r["ok"] for r in replies] == [False, False, False, False, True]
+    assert all("no such job for this node" in r["err"] for r in replies[:2])
+    assert all("this JOB_WAIT does not name that job or node" in r["err"] for r in replies[2:4])
+    assert replies[4]["r"] == {"mole": None}
+    logged = read_lines(cluster.log("server"))
+    assert any("node mole asked 'job_status' about job None" in line for line in logged)
+    assert any(f"about job {job_id}, which does not target it" in line for line in logged)
     assert "success" not in str(replies)
 
 

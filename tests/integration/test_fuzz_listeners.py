@@ -30,8 +30,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from directord.config import Settings
-from directord.protocol import PROTOCOL_VERSION, FrameDecoder, frame
+from directord.protocol import PROTOCOL_VERSION, FrameDecoder, PlainBatches, frame
 from directord.server.app import Server
+from directord.transports.grpc import GrpcOptions
 
 pytestmark = pytest.mark.fuzz
 
@@ -93,10 +94,9 @@ class LiveServer:
         self.settings = Settings(
             datastore="memory",
             socket_path=str(root / "api.sock"),
-            grpc_bind_address="127.0.0.1",
-            grpc_port=0,
             heartbeat_interval=30.0,
             api_idle_timeout=5.0,
+            transport_options=(GrpcOptions(grpc_bind_address="127.0.0.1", grpc_port=0),),
         )
         self.loop = asyncio.new_event_loop()
         self.server = Server(self.settings)
@@ -129,7 +129,7 @@ def api_call(path: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
         sock.settimeout(10)
         sock.connect(path)
         sock.sendall(frame([{"t": "req", "rid": 1, "m": method, "p": params}]))
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(PlainBatches())
         while True:
             data = sock.recv(65536)
             assert data, f"the server closed the API connection on {method}"

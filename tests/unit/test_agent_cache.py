@@ -6,11 +6,14 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from directord.agent.cache import ACKED_RETENTION, EVICTABLE, SECTIONS, NodeCache
 from directord.errors import ConfigError
+from directord.models import State
+from directord.protocol import Job, Result
 
 
 @pytest.fixture
@@ -126,7 +129,7 @@ def test_evict_all(cache: NodeCache) -> None:
         cache.update(section, {"k": 1})
     cache.set_sha_state("s", "failed")
     cache.set_parent_state("p", "failed")
-    cache.add_job({"id": "j1"})  # the journal is not part of the cache that can be evicted
+    cache.add_job(job("j1"))  # the journal is not part of the cache that can be evicted
     cache.evict("all")
     assert cache.dump()["args"] == {} and cache.dump()["jobs"] == {}
     cache = reopen(cache)
@@ -168,60 +171,92 @@ def test_sha_and_parent_states(cache: NodeCache) -> None:
         cache.close()
 
 
+def job(job_id: str, **fields: Any) -> Job:
+    return Job(
+        id=job_id,
+        parent="p",
+        lane="",
+        verb=fields.pop("verb", "RUN"),
+        sha="s",
+        options=fields.pop("options", {}),
+        timeout=fields.pop("timeout", 5.0),
+        **fields,
+    )
+
+
 def test_journal_transitions(cache: NodeCache) -> None:
-    body = {"id": "j1", "verb": "RUN", "options": {"argv": "echo ü"}, "timeout": 5.0}
+    first = job("j1", options={"argv": "echo ü"})
     assert cache.job_status("j1") is None
-    cache.add_job(body)
-    cache.add_job({"id": "j2", "verb": "ECHO"})
+    cache.add_job(first)
+    cache.add_job(job("j2", verb="ECHO"))
     assert cache.job_status("j1") == "queued"
-    assert cache.jobs_with_status("queued") == [("j1", body), ("j2", {"id": "j2", "verb": "ECHO"})]
+    assert cache.queued_jobs() == [first, job("j2", verb="ECHO")]
     cache.set_running("j1")
     assert cache.job_status("j1") == "running"
-    assert cache.jobs_with_status("running") == [("j1", body)]
-    assert [i for i, _ in cache.jobs_with_status("queued")] == ["j2"]
-    result = {"t": "result", "id": "j1", "state": "success", "rc": 0, "stdout": "ü\n"}
-    cache.set_done("j1", result)
+    assert cache.ids_with_status("running") == ["j1"]
+    assert [j.id for j in cache.queued_jobs()] == ["j2"]
+    result = Result(id="j1", state=State.SUCCESS, rc=0, stdout="ü\n")
+    cache.set_done(result)
     assert cache.job_status("j1") == "done"
     assert cache.result_of("j1") == result
-    assert cache.jobs_with_status("done") == [("j1", result)]
+    assert cache.unacked_results() == [result]
     assert sorted(cache.unacked_ids()) == ["j1", "j2"]
     cache.set_acked(["j1"])
     assert cache.job_status("j1") == "acked"
-    assert cache.jobs_with_status("acked") == [("j1", None)]  # the body is dropped
+    assert cache.unacked_results() == []
     assert cache.result_of("j1") == result  # the result stays, for a server that asks again
     assert cache.unacked_ids() == ["j2"]
     assert cache.dump()["journal"] == {"acked": 1, "queued": 1}
 
 
 def test_journal_survives_reopen(cache: NodeCache) -> None:
-    cache.add_job({"id": "q"})
-    cache.add_job({"id": "r"})
-    cache.add_job({"id": "d"})
-    cache.add_job({"id": "a"})
+    for job_id in "qrda":
+        cache.add_job(job(job_id))
     cache.set_running("r")
-    cache.set_done("d", {"id": "d", "state": "failed"})
-    cache.set_done("a", {"id": "a", "state": "success"})
+    cache.set_done(Result(id="d", state=State.FAILED))
+    cache.set_done(Result(id="a", state=State.SUCCESS))
     cache.set_acked(["a"])
     cache = reopen(cache)
     try:
         assert [cache.job_status(i) for i in "qrda"] == ["queued", "running", "done", "acked"]
-        assert cache.jobs_with_status("queued") == [("q", {"id": "q"})]
-        assert cache.jobs_with_status("running") == [("r", {"id": "r"})]
-        assert cache.jobs_with_status("done") == [("d", {"id": "d", "state": "failed"})]
+        assert cache.queued_jobs() == [job("q")]
+        assert cache.ids_with_status("running") == ["r"]
+        assert cache.unacked_results() == [Result(id="d", state=State.FAILED)]
         assert sorted(cache.unacked_ids()) == ["d", "q", "r"]
     finally:
         cache.close()
 
 
+def test_journal_reads_what_an_older_agent_wrote(cache: NodeCache) -> None:
+    # The journal of the previous release held plain msgpack maps: the same keys.
+    import msgpack
+
+    old = {
+        "t": "job",
+        "id": "o",
+        "parent": "",
+        "lane": "",
+        "verb": "RUN",
+        "sha": "x",
+        "options": {"argv": "true"},
+        "timeout": 5.0,
+        "skip_cache": False,
+        "stream": False,
+    }
+    cache._w("INSERT INTO jobs VALUES (?, ?, 'queued', NULL, 0)", ("o", msgpack.packb(old)))
+    cache._w("INSERT INTO jobs VALUES ('bad', X'c1', 'queued', NULL, 0)", ())
+    assert [j.id for j in cache.queued_jobs()] == ["o"]  # the damaged one is skipped
+
+
 def test_a_job_id_is_journaled_once(cache: NodeCache) -> None:
-    cache.add_job({"id": "j1"})
+    cache.add_job(job("j1"))
     with pytest.raises(sqlite3.IntegrityError):
-        cache.add_job({"id": "j1"})
+        cache.add_job(job("j1"))
 
 
 def test_old_acked_jobs_are_forgotten_on_open(cache: NodeCache) -> None:
     for job_id in ("old", "recent", "old-unacked"):
-        cache.add_job({"id": job_id})
+        cache.add_job(job(job_id))
     cache.set_acked(["old", "recent"])
     cache.commit()
     db = sqlite3.connect(str(cache.path))

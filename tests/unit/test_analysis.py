@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from directord.models import State
+from directord.models import JobSpec, State
 from directord.server.analysis import analyze
 from directord.server.records import JobRecord, TargetRecord
 
@@ -14,14 +14,9 @@ def job(job_id: str, submitted: float, results: dict[str, TargetRecord]) -> JobR
         id=job_id,
         parent_id="p",
         parent_name="",
-        verb="RUN",
-        sha="s",
-        options={},
-        vars={},
-        timeout=60.0,
-        run_once=False,
-        skip_cache=False,
-        name="",
+        spec=JobSpec(
+            verb="RUN", options={}, sha="s", timeout=60.0, run_once=False, skip_cache=False
+        ),
         lane="",
         stream=False,
         submitted=submitted,

@@ -11,6 +11,10 @@ import pytest
 from directord import config
 from directord.config import Settings, load_settings, read_config_file, read_env
 from directord.errors import ConfigError
+from directord.transports.amqp import AmqpOptions
+from directord.transports.grpc import GrpcOptions
+from directord.transports.nats import NatsOptions
+from directord.transports.zmq import ZmqOptions
 
 
 @pytest.fixture(autouse=True)
@@ -25,12 +29,23 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
     return str(path)
 
 
+def grpc_port(settings: Settings) -> int:
+    return settings.options(GrpcOptions).grpc_port
+
+
 def test_defaults_without_file_env_or_flags() -> None:
     settings = load_settings({}, {})
-    assert settings == Settings()
+    assert dataclasses.replace(settings, transport_options=()) == Settings()
+    assert set(settings.transport_options) == {
+        GrpcOptions(),
+        ZmqOptions(),
+        AmqpOptions(),
+        NatsOptions(),
+        config.TransportOptions(),
+    }
     assert settings.driver == "grpc"
     assert settings.heartbeat_interval == 60.0
-    assert settings.grpc_port == 5558
+    assert grpc_port(settings) == 5558
     assert settings.debug is False
     assert settings.datastore.startswith("sqlite:///")
 
@@ -48,7 +63,7 @@ def test_file_keys_are_read_and_typed(tmp_path: Path) -> None:
     settings = load_settings({"config_file": path}, {})
     assert settings.debug is True
     assert settings.heartbeat_interval == 5.0 and isinstance(settings.heartbeat_interval, float)
-    assert settings.grpc_port == 6000
+    assert grpc_port(settings) == 6000
     assert settings.identity == "node7"
     assert settings.datastore == "memory"
     assert settings.config_file == path
@@ -72,7 +87,9 @@ def test_default_config_file_is_read_when_present(
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, "# nothing here\n")
-    assert load_settings({"config_file": path}, {}) == Settings(config_file=path)
+    assert load_settings({"config_file": path}, {}) == dataclasses.replace(
+        load_settings({}, {}), config_file=path
+    )
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
@@ -94,7 +111,7 @@ def test_env_values() -> None:
     }
     settings = load_settings({}, env)
     assert settings.identity == "envnode"
-    assert settings.grpc_port == 7000
+    assert grpc_port(settings) == 7000
     assert settings.heartbeat_interval == 2.5
     assert settings.debug is True
 
@@ -102,7 +119,7 @@ def test_env_values() -> None:
 def test_flags() -> None:
     settings = load_settings({"identity": "flagnode", "grpc_port": 0, "debug": True}, {})
     assert settings.identity == "flagnode"
-    assert settings.grpc_port == 0
+    assert grpc_port(settings) == 0
     assert settings.debug is True
 
 
@@ -118,7 +135,7 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> No
     assert settings.heartbeat_interval == 30.0  # flag beats env and file
     assert settings.identity == "env"  # env beats file
     assert settings.socket_path == "/file.sock"  # file beats default
-    assert settings.grpc_port == 5558  # default
+    assert grpc_port(settings) == 5558  # default
     assert load_settings({}, env).heartbeat_interval == 20.0
     assert load_settings({"config_file": path}, {}).heartbeat_interval == 10.0
 
@@ -169,7 +186,7 @@ def test_wrong_type_in_file(tmp_path: Path, text: str, key: str, expected: str) 
 def test_numeric_strings_in_file_are_converted(tmp_path: Path) -> None:
     path = write(tmp_path, "grpc_port: '6001'\nheartbeat_interval: '1.5'\n")
     settings = load_settings({"config_file": path}, {})
-    assert settings.grpc_port == 6001 and settings.heartbeat_interval == 1.5
+    assert grpc_port(settings) == 6001 and settings.heartbeat_interval == 1.5
 
 
 @pytest.mark.parametrize(
@@ -213,7 +230,7 @@ def test_int_and_float_from_env() -> None:
     settings = load_settings(
         {}, {"DIRECTORD_GRPC_PORT": " 42 ", "DIRECTORD_JOB_TIMEOUT_GRACE": "3"}
     )
-    assert settings.grpc_port == 42 and isinstance(settings.grpc_port, int)
+    assert grpc_port(settings) == 42 and isinstance(grpc_port(settings), int)
     assert settings.job_timeout_grace == 3.0 and isinstance(settings.job_timeout_grace, float)
 
 
@@ -222,7 +239,7 @@ def test_read_env_only_reads_known_options() -> None:
 
 
 def test_flag_strings_are_coerced_and_checked() -> None:
-    assert load_settings({"grpc_port": "6002"}, {}).grpc_port == 6002
+    assert grpc_port(load_settings({"grpc_port": "6002"}, {})) == 6002
     with pytest.raises(ConfigError) as info:
         load_settings({"grpc_port": "x"}, {})
     assert info.value.source == "--grpc-port"
@@ -302,20 +319,25 @@ def secret(tmp_path: Path, text: str, mode: int = 0o600, name: str = "secret") -
     return str(path)
 
 
+ZMQ = {"driver": "zmq"}
+MESSAGING = {"driver": "messaging"}
+NATS = {"driver": "nats"}
+
+
 def test_zmq_shared_key_file_is_read_without_its_line_ending(tmp_path: Path) -> None:
     path = secret(tmp_path, "s3cret key\n")
-    settings = load_settings({"zmq_shared_key_file": path}, {})
-    assert settings.zmq_shared_key == "s3cret key"
-    assert settings.zmq_shared_key_file == path
+    options = load_settings({**ZMQ, "zmq_shared_key_file": path}, {}).options(ZmqOptions)
+    assert options.zmq_shared_key == "s3cret key"
+    assert options.zmq_shared_key_file == path
     env = {"DIRECTORD_ZMQ_SHARED_KEY_FILE": path}
-    assert load_settings({}, env).zmq_shared_key == "s3cret key"
+    assert load_settings(ZMQ, env).options(ZmqOptions).zmq_shared_key == "s3cret key"
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644])
 def test_secret_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
     path = secret(tmp_path, "s3cret\n", mode)
     with pytest.raises(ConfigError) as info:
-        load_settings({"zmq_shared_key_file": path}, {})
+        load_settings({**ZMQ, "zmq_shared_key_file": path}, {})
     assert info.value.key == "zmq_shared_key_file"
     assert info.value.source == path
     assert str(info.value) == (
@@ -332,24 +354,36 @@ def test_secret_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: in
 def test_secret_file_must_hold_one_line(tmp_path: Path, text: str, problem: str) -> None:
     path = secret(tmp_path, text)
     with pytest.raises(ConfigError, match=problem) as info:
-        load_settings({"zmq_shared_key_file": path}, {})
+        load_settings({**ZMQ, "zmq_shared_key_file": path}, {})
     assert info.value.source == path
 
 
 def test_missing_secret_file_names_it(tmp_path: Path) -> None:
     path = str(tmp_path / "absent")
     with pytest.raises(ConfigError, match="cannot read") as info:
-        load_settings({}, {"DIRECTORD_NATS_PASSWORD_FILE": path})
+        load_settings(NATS, {"DIRECTORD_NATS_PASSWORD_FILE": path})
     assert info.value.source == path and info.value.key == "nats_password_file"
+
+
+def test_only_the_selected_drivers_secret_files_are_read(tmp_path: Path) -> None:
+    absent = str(tmp_path / "absent")
+    flags = {"zmq_shared_key_file": absent, "messaging_password_file": absent}
+    settings = load_settings({**flags, "nats_password_file": absent}, {})  # grpc
+    assert settings.options(ZmqOptions).zmq_shared_key_file == absent
+    assert settings.options(ZmqOptions).zmq_shared_key == ""
+    with pytest.raises(ConfigError) as info:
+        load_settings({**flags, **NATS, "nats_password_file": absent}, {})
+    assert info.value.key == "nats_password_file"
 
 
 def test_shared_key_and_its_file_together_are_refused(tmp_path: Path) -> None:
     path = secret(tmp_path, "from-file\n")
     config_file = write(tmp_path, "zmq_shared_key: from-config\n")
     with pytest.raises(ConfigError, match="both set; give one") as info:
-        load_settings({"config_file": config_file, "zmq_shared_key_file": path}, {})
+        load_settings({**ZMQ, "config_file": config_file, "zmq_shared_key_file": path}, {})
     assert info.value.key == "zmq_shared_key_file"
-    # Refused even where the files are not read (a user command on the same config).
+    # Refused even where the files are not read (a user command on the same config), and
+    # whatever the driver, as every driver's keys are checked.
     with pytest.raises(ConfigError, match="both set"):
         load_settings({"zmq_shared_key": "x", "zmq_shared_key_file": path}, {}, secrets=False)
 
@@ -357,8 +391,9 @@ def test_shared_key_and_its_file_together_are_refused(tmp_path: Path) -> None:
 def test_user_commands_do_not_read_the_secret_files(tmp_path: Path) -> None:
     # An operator may share the daemons' config without being able to read their secrets.
     path = str(tmp_path / "root-only")
-    settings = load_settings({"zmq_shared_key_file": path}, {}, secrets=False)
-    assert settings.zmq_shared_key == "" and settings.zmq_shared_key_file == path
+    settings = load_settings({**ZMQ, "zmq_shared_key_file": path}, {}, secrets=False)
+    options = settings.options(ZmqOptions)
+    assert options.zmq_shared_key == "" and options.zmq_shared_key_file == path
 
 
 @pytest.mark.parametrize(
@@ -378,29 +413,30 @@ def test_messaging_password_file_replaces_the_urls_password(
     tmp_path: Path, url: str, expected: str
 ) -> None:
     path = secret(tmp_path, "p@ss:w/d\n")
-    settings = load_settings({"messaging_url": url, "messaging_password_file": path}, {})
-    assert settings.messaging_url == expected
+    flags = {**MESSAGING, "messaging_url": url, "messaging_password_file": path}
+    assert load_settings(flags, {}).options(AmqpOptions).messaging_url == expected
 
 
 def test_messaging_password_file_with_the_default_url(tmp_path: Path) -> None:
     path = secret(tmp_path, "not-guest\n")
-    settings = load_settings({"messaging_password_file": path}, {})
-    assert settings.messaging_url == "amqp://guest:not-guest@127.0.0.1:5672/"
+    settings = load_settings({**MESSAGING, "messaging_password_file": path}, {})
+    assert settings.options(AmqpOptions).messaging_url == "amqp://guest:not-guest@127.0.0.1:5672/"
 
 
 def test_password_file_needs_a_user_in_the_url(tmp_path: Path) -> None:
     path = secret(tmp_path, "pw\n")
+    flags = {**MESSAGING, "messaging_url": "amqp://mq:5672/", "messaging_password_file": path}
     with pytest.raises(ConfigError, match="names no user") as info:
-        load_settings({"messaging_url": "amqp://mq:5672/", "messaging_password_file": path}, {})
+        load_settings(flags, {})
     assert info.value.source == path
 
 
 def test_nats_password_file_goes_into_every_url(tmp_path: Path) -> None:
     path = secret(tmp_path, "p@ss:w%rd\n")
     urls = "nats://directord@a.example.net:4222, tls://directord:old@b.example.net:4222"
-    settings = load_settings({"nats_url": urls, "nats_password_file": path}, {})
+    settings = load_settings({**NATS, "nats_url": urls, "nats_password_file": path}, {})
     # nats-py takes the password from the URL as written: it is not percent-encoded.
-    assert settings.nats_url == (
+    assert settings.options(NatsOptions).nats_url == (
         "nats://directord:p@ss:w%rd@a.example.net:4222,tls://directord:p@ss:w%rd@b.example.net:4222"
     )
 
@@ -408,7 +444,8 @@ def test_nats_password_file_goes_into_every_url(tmp_path: Path) -> None:
 @pytest.mark.parametrize("password", ["a/b", "a,b", "a#b", "a?b", "a\tb"])
 def test_nats_password_a_url_cannot_carry_is_refused(tmp_path: Path, password: str) -> None:
     path = secret(tmp_path, password + "\n")
+    flags = {**NATS, "nats_url": "nats://u@h:4222", "nats_password_file": path}
     with pytest.raises(ConfigError, match="cannot carry") as info:
-        load_settings({"nats_url": "nats://u@h:4222", "nats_password_file": path}, {})
+        load_settings(flags, {})
     assert info.value.source == path
     assert password not in str(info.value)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from directord.cli.keys import generate_keys
-from directord.config import Settings
 from directord.errors import ConfigError
 from directord.security import curve
+from directord.transports.zmq import ZmqOptions
 
 
 def test_generate_writes_pairs_with_private_modes(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_full_rotation_names_a_reserved_key_file_and_writes_nothing(tmp_path: Pa
         (tmp_path / "public_keys" / "node1.key").read_text()
     )
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    settings = Settings(zmq_key_dir=str(tmp_path))
+    settings = ZmqOptions(zmq_key_dir=str(tmp_path))
     message = f"{tmp_path / 'public_keys' / 'ca.key'}: cannot make a key for 'ca'"
     with pytest.raises(ConfigError, match=re.escape(message)):
         generate_keys(settings, [])

@@ -39,7 +39,7 @@ class Book:
         is_async: bool = False,
         stream: bool = False,
     ) -> list[JobRecord]:
-        planned = [PlannedJob(build_job(verb, args), targets, []) for verb, args, targets in jobs]
+        planned = [PlannedJob(build_job(verb, args), targets) for verb, args, targets in jobs]
         _, records = self.book.record(name, is_async, planned, stream)
         return records
 

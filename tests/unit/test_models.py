@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from directord.models import State
+from directord.models import FileRef, JobSpec, State
+from directord.protocol import decode_batch, encode, join_packed
 from directord.server.records import JobRecord, NodeRecord, TargetRecord
 
 FINAL = {
@@ -71,11 +74,8 @@ def test_node_record_expiry_and_round_trip() -> None:
     assert NodeRecord.from_dict({**node.to_dict(), "extra": "ignored"}) == node
 
 
-def _job(**kw: object) -> JobRecord:
-    base = dict(
-        id="j1",
-        parent_id="p1",
-        parent_name="deploy",
+def _job(**kw: Any) -> JobRecord:
+    spec: dict[str, Any] = dict(
         verb="COPY",
         sha="s" * 56,
         options={"src": "a", "dest": "/b"},
@@ -84,24 +84,33 @@ def _job(**kw: object) -> JobRecord:
         run_once=False,
         skip_cache=False,
         name="copy it",
+        files=(FileRef("a", 3, "a" * 64),),
+    )
+    spec.update({k: kw.pop(k) for k in list(kw) if k in spec})
+    base: dict[str, Any] = dict(
+        id="j1",
+        parent_id="p1",
+        parent_name="deploy",
+        spec=JobSpec(**spec),
         lane="",
         stream=False,
         submitted=1.0,
         order=1,
         targets=["n0", "n1"],
-        files=[{"path": "/secret/server/path/a", "name": "a", "size": 3, "sha256": "h"}],
     )
     base.update(kw)
-    return JobRecord(**base)  # type: ignore[arg-type]
+    return JobRecord(**base)
 
 
-def test_job_record_wire_hides_server_paths() -> None:
-    wire = _job().wire()
-    assert wire["t"] == "job" and wire["id"] == "j1" and wire["parent"] == "p1"
-    assert wire["files"] == [{"name": "a", "size": 3, "sha256": "h"}]
-    assert "/secret" not in repr(wire)
-    assert wire["vars"] == {"v": 1}
-    assert "vars" not in _job(vars={}).wire() and "files" not in _job(files=[]).wire()
+def test_job_record_message_is_what_a_node_needs() -> None:
+    message = _job().message()
+    assert (message.id, message.parent, message.verb) == ("j1", "p1", "COPY")
+    assert message.files == [FileRef("a", 3, "a" * 64)]
+    wire = decode_batch(join_packed([encode(message)]))[0]  # the plain map on the wire
+    assert wire["t"] == "job" and wire["vars"] == {"v": 1}
+    assert wire["files"] == [{"name": "a", "size": 3, "sha256": "a" * 64}]
+    plain = decode_batch(join_packed([encode(_job(vars={}, files=()).message())]))[0]
+    assert "vars" not in plain and "files" not in plain
 
 
 def test_job_record_round_trip_and_summary() -> None:
@@ -121,5 +130,5 @@ def test_job_record_round_trip_and_summary() -> None:
     assert job.done is True
     assert job.summary()["failed"] == 1
     info = job.info()
-    assert info["files"] == [{"name": "a", "size": 3}]
+    assert info["files"] == [{"name": "a", "size": 3}]  # the hash stays on the server
     assert info["results"]["n1"]["state"] == "lost"

@@ -15,6 +15,7 @@ from directord.agent import templates
 from directord.agent.context import JobContext
 from directord.agent.templates import render_template, unsafe_reason
 from directord.errors import ComponentError, UntrustedValueError
+from directord.protocol import Job
 
 
 def test_renders_values_filters_and_loops() -> None:
@@ -102,12 +103,11 @@ def _ctx(
     query: dict[str, Any],
     job_vars: dict[str, Any] | None = None,
 ) -> JobContext:
-    agent = SimpleNamespace(
-        identity="node0",
-        cache=SimpleNamespace(sections={"args": args, "envs": envs, "query": query}),
+    cache = SimpleNamespace(sections={"args": args, "envs": envs, "query": query})
+    job = Job(
+        id="j1", parent="", lane="", verb="RUN", sha="s", options={}, timeout=7, vars=job_vars or {}
     )
-    job = {"id": "j1", "timeout": 7, "vars": job_vars or {}, "files": []}
-    return JobContext(agent, job)  # type: ignore[arg-type]
+    return JobContext(job, "node0", cache, None, lambda _: None)  # type: ignore[arg-type]
 
 
 def test_context_render_uses_args_query_and_vars_with_vars_winning() -> None:

@@ -19,15 +19,19 @@ and logged, if an older install left it wider) and ``cache.db`` with its
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import msgpack
+import msgspec
 
 from directord.errors import ConfigError
+from directord.protocol import Job, Result, encode
 from directord.security.private import private_directory, private_file
+
+log = logging.getLogger(__name__)
 
 SECTIONS = ("args", "envs", "query")
 EVICTABLE = ("args", "envs", "query", "jobs", "parents", "all")
@@ -158,22 +162,21 @@ class NodeCache:
         row = self._db.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
         return row[0] if row else None
 
-    def add_job(self, body: dict[str, Any]) -> None:
+    def add_job(self, job: Job) -> None:
         """Journal a received job as queued."""
         self._w(
-            "INSERT INTO jobs VALUES (?, ?, 'queued', NULL, ?)",
-            (body["id"], msgpack.packb(body), time.time()),
+            "INSERT INTO jobs VALUES (?, ?, 'queued', NULL, ?)", (job.id, encode(job), time.time())
         )
 
     def set_running(self, job_id: str) -> None:
         """Journal that a job started."""
         self._w("UPDATE jobs SET status='running' WHERE id=?", (job_id,))
 
-    def set_done(self, job_id: str, result: dict[str, Any]) -> None:
+    def set_done(self, result: Result) -> None:
         """Journal a job's result (not yet acknowledged by the server)."""
         self._w(
             "UPDATE jobs SET status='done', result=?, ts=? WHERE id=?",
-            (msgpack.packb(result), time.time(), job_id),
+            (encode(result), time.time(), result.id),
         )
 
     def set_acked(self, job_ids: list[str]) -> None:
@@ -188,18 +191,25 @@ class NodeCache:
             self._in_tx = True
         self._db.executemany(sql, rows)
 
-    def jobs_with_status(self, status: str) -> list[tuple[str, dict[str, Any] | None]]:
-        """(id, body-or-result) of journal rows in a status, oldest first."""
-        column = "result" if status == "done" else "body"
-        rows = self._db.execute(
-            f"SELECT id, {column} FROM jobs WHERE status=? ORDER BY rowid", (status,)
-        )
-        return [(i, msgpack.unpackb(blob) if blob else None) for i, blob in rows]
+    def ids_with_status(self, status: str) -> list[str]:
+        """Ids of the journal's jobs in a status, oldest first."""
+        rows = self._db.execute("SELECT id FROM jobs WHERE status=? ORDER BY rowid", (status,))
+        return [row[0] for row in rows]
 
-    def result_of(self, job_id: str) -> dict[str, Any] | None:
+    def queued_jobs(self) -> list[Job]:
+        """The jobs received and not yet started, oldest first."""
+        rows = self._db.execute("SELECT id, body FROM jobs WHERE status='queued' ORDER BY rowid")
+        return [job for job_id, blob in rows if (job := _decode(_JOB, blob, job_id)) is not None]
+
+    def unacked_results(self) -> list[Result]:
+        """Results the server has not acknowledged yet, oldest first."""
+        rows = self._db.execute("SELECT id, result FROM jobs WHERE status='done' ORDER BY rowid")
+        return [r for job_id, blob in rows if (r := _decode(_RESULT, blob, job_id)) is not None]
+
+    def result_of(self, job_id: str) -> Result | None:
         """Stored result of a finished job, if still kept."""
         row = self._db.execute("SELECT result FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return msgpack.unpackb(row[0]) if row and row[0] else None
+        return _decode(_RESULT, row[0], job_id) if row else None
 
     def unacked_ids(self) -> list[str]:
         """Ids of every job not yet acknowledged as finished by the server."""
@@ -213,3 +223,19 @@ class NodeCache:
             "parents": dict(self._parents),
             "journal": dict(self._db.execute("SELECT status, count(*) FROM jobs GROUP BY status")),
         }
+
+
+_JOB = msgspec.msgpack.Decoder(Job)
+_RESULT = msgspec.msgpack.Decoder(Result)
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], blob: bytes | None, job_id: str) -> T | None:
+    """A journal entry; a damaged one is logged and skipped, never fatal."""
+    if not blob:
+        return None
+    try:
+        return decoder.decode(blob)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        log.error("journal entry of job %s is damaged (%s); skipped", job_id, exc)
+        return None

@@ -7,17 +7,18 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from directord.agent import executor
+from directord.agent.cache import NodeCache
 from directord.agent.templates import render_template
+from directord.agent.uplink import Uplink
 from directord.components.base import ProcessResult
 from directord.components.files import apply_owner_mode
 from directord.errors import ComponentError
-
-if TYPE_CHECKING:
-    from directord.agent.app import Agent
+from directord.models import FileRef
+from directord.protocol import Job, Output
 
 CHUNK = 1024 * 1024
 WINDOW = 4  # chunk requests in flight per file transfer
@@ -26,18 +27,27 @@ WINDOW = 4  # chunk requests in flight per file transfer
 class JobContext:
     """Implements components.base.ExecContext for one job."""
 
-    def __init__(self, agent: Agent, job: dict[str, Any]) -> None:
-        self._agent = agent
+    def __init__(
+        self,
+        job: Job,
+        identity: str,
+        cache: NodeCache,
+        uplink: Uplink,
+        on_restart: Callable[[str], None],
+    ) -> None:
         self.job = job
-        self.job_id = str(job["id"])
-        self.identity = agent.identity
-        self.timeout = float(job.get("timeout", 600.0))
-        self.vars = dict(job.get("vars") or {})
-        self.files: list[dict[str, Any]] = list(job.get("files") or [])
-        cache = agent.cache.sections
-        self.args = cache["args"]
-        self.envs = cache["envs"]
-        self.query = cache["query"]
+        self.job_id = job.id
+        self.identity = identity
+        self.timeout = job.timeout
+        self.vars = dict(job.vars)
+        self.files: list[FileRef] = list(job.files)
+        self._cache = cache
+        self._uplink = uplink
+        self._on_restart = on_restart
+        sections = cache.sections
+        self.args = sections["args"]
+        self.envs = sections["envs"]
+        self.query = sections["query"]
 
     def render(self, text: str) -> str:
         """Render a job's text; what other nodes reported (``query``) is untrusted there."""
@@ -46,10 +56,10 @@ class JobContext:
         )
 
     def update_cache(self, section: str, values: Mapping[str, Any]) -> None:
-        self._agent.cache.update(section, dict(values))
+        self._cache.update(section, dict(values))
 
     def evict_cache(self, section: str) -> None:
-        self._agent.cache.evict(section)
+        self._cache.evict(section)
 
     def environment(self) -> Mapping[bytes, bytes]:
         """The agent's environment plus cached ENV values, encoded for spawning."""
@@ -67,28 +77,32 @@ class JobContext:
         if not block:
             await executor.spawn_detached(command, environment)
             return ProcessResult(rc=0, stdout="", stderr="")
-        on_output = self._agent.output_sink(self.job_id) if self.job.get("stream") else None
+        on_output = self._output if self.job.stream else None
         return await executor.run_shell(command, environment, timeout=timeout, on_output=on_output)
 
+    def _output(self, stream: str, line: str) -> None:
+        """Forward one line of output live (``--stream``); lost while disconnected."""
+        self._uplink.post(Output(id=self.job_id, stream=stream, data=line))
+
     async def request(self, method: str, params: dict[str, Any]) -> Any:
-        return await self._agent.request(method, params)
+        return await self._uplink.request(method, params)
 
     async def fetch_bytes(self, index: int, limit: int) -> bytes:
-        info = self.job["files"][index]
-        if info["size"] > limit:
+        info = self.files[index]
+        if info.size > limit:
             raise ComponentError(
-                f"{info['name']}: {info['size']} bytes is too large for a blueprint (limit {limit})"
+                f"{info.name}: {info.size} bytes is too large for a blueprint (limit {limit})"
             )
         data = bytearray()
-        while len(data) < info["size"]:
+        while len(data) < info.size:
             reply = await self.request(
                 "chunk", {"job": self.job_id, "index": index, "offset": len(data)}
             )
             if not reply["data"]:
                 break
             data += reply["data"]
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise ComponentError(f"{info['name']}: checksum mismatch after transfer")
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise ComponentError(f"{info.name}: checksum mismatch after transfer")
         return bytes(data)
 
     async def fetch_file(
@@ -142,7 +156,7 @@ class JobContext:
             raise
 
     def request_restart(self) -> None:
-        self._agent.restart_after = self.job_id
+        self._on_restart(self.job_id)
 
     async def query_exchange(self, value: Any, wait: bool) -> dict[str, Any] | None:
-        return await self._agent.query_exchange(self.job_id, value, wait)
+        return await self._uplink.query_exchange(self.job_id, value, wait)

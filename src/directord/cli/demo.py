@@ -32,7 +32,9 @@ from directord.cli.jobs import OK_STATES, _report
 from directord.cli.manage import _analysis, _nodes_table
 from directord.config import Settings
 from directord.connect import APIClient, submit
-from directord.localcluster import ClusterError, LocalCluster
+from directord.errors import ClusterError
+from directord.localcluster import LocalCluster
+from directord.protocol import ApiEvent
 
 DATA_FILES = ("demo.yaml", "motd.j2", "facts.yaml")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -86,13 +88,13 @@ async def _run(
     socket_path: str,
     orchs: list[dict[str, Any]],
     cwd: Path,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[ApiEvent]]:
     """Submit orchestrations and wait for them; return (parents, result events)."""
-    results: list[dict[str, Any]] = []
+    results: list[ApiEvent] = []
     async with APIClient(socket_path) as client:
         parents = await submit(client, orchs, cwd=str(cwd))
         async for event in client.watch(parents=[p["id"] for p in parents]):
-            if event.get("ev") == "result":
+            if event.ev == "result" and event.result is not None:
                 results.append(event)
     return parents, results
 
@@ -102,10 +104,10 @@ async def _call(socket_path: str, method: str, params: dict[str, Any] | None = N
         return await client.call(method, params)
 
 
-def _summary(results: list[dict[str, Any]]) -> str:
+def _summary(results: list[ApiEvent]) -> str:
     counts: dict[str, int] = {}
     for event in results:
-        state = event["result"]["state"]
+        state = (event.result or {})["state"]
         counts[state] = counts.get(state, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
@@ -147,8 +149,8 @@ def _demo(cluster: LocalCluster, root: Path, keep: bool) -> int:
     last = cluster.identities[-1]
     _heading(f"what {last} printed  (directord manage --job-info ID)")
     for event in results:
-        if event["node"] == last and event["verb"] in ("RUN", "ECHO"):
-            for line in event["result"]["stdout"].rstrip().splitlines():
+        if event.node == last and event.verb in ("RUN", "ECHO") and event.result is not None:
+            for line in event.result["stdout"].rstrip().splitlines():
                 _say(f"{last} | {line}")
 
     for parent in parents:
@@ -163,7 +165,7 @@ def _demo(cluster: LocalCluster, root: Path, keep: bool) -> int:
     _heading("second pass  (the same files again: finished jobs are cache hits)")
     parents2, results2 = asyncio.run(_run(cluster.socket_path, orchs, root))
     _say(f"{len(results2)} results: {_summary(results2)}")
-    bad = [e for e in results2 if e["result"]["state"] not in OK_STATES]
+    bad = [e for e in results2 if (e.result or {}).get("state") not in OK_STATES]
     if bad:
         failed = True
         _report(bad, parents2, "table")

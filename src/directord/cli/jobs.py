@@ -13,6 +13,7 @@ from directord.cli.render import first_line, seconds, table, to_json
 from directord.components import ExecHelp, build_job
 from directord.config import Settings
 from directord.connect import client_for, submit
+from directord.protocol import ApiEvent
 
 OK_STATES = ("success", "skipped-cache")
 FULL_TABLE_LIMIT = 50
@@ -115,46 +116,41 @@ async def _submit_and_follow(
                     for job_id in parent["jobs"]:
                         print(job_id)
             return 0
-        results: list[dict[str, Any]] = []
+        results: list[ApiEvent] = []
         expected = sum(len(p["jobs"]) * len(p["targets"]) for p in parents)
         summary = ns.format != "json" and ns.wait and expected > FULL_TABLE_LIMIT
         async for event in client.watch(
             parents=[p["id"] for p in parents], output=ns.stream, summary=summary
         ):
-            if event["ev"] == "out":
+            if event.ev == "out":
                 print(
-                    f"{event['node']} | {event['data']}",
+                    f"{event.node} | {event.data}",
                     flush=True,
-                    file=sys.stderr if event["stream"] == "stderr" else sys.stdout,
+                    file=sys.stderr if event.stream == "stderr" else sys.stdout,
                 )
-            elif event["ev"] == "result":
+            elif event.ev == "result" and event.result is not None:
                 results.append(event)
                 if ns.poll and ns.format != "json":
-                    r = event["result"]
+                    r = event.result
                     print(
-                        f"{event['node']}  {event['name'] or event['verb']}  {r['state']}  "
+                        f"{event.node}  {event.name or event.verb}  {r['state']}  "
                         f"{seconds(r['exec_time'])}  {first_line(r['stdout'] or r['stderr'])}",
                         flush=True,
                     )
         return _report(results, parents, ns.format)
 
 
-def _report(results: list[dict[str, Any]], parents: list[dict[str, Any]], fmt: str) -> int:
-    failed = [e for e in results if e["result"]["state"] not in OK_STATES]
+def _report(results: list[ApiEvent], parents: list[dict[str, Any]], fmt: str) -> int:
+    rows = [(e, e.result or {}) for e in results]
+    failed = [(e, r) for e, r in rows if r["state"] not in OK_STATES]
     if fmt == "json":
         print(
             to_json(
                 {
                     "parents": parents,
                     "results": [
-                        {
-                            "job": e["job"],
-                            "node": e["node"],
-                            "verb": e["verb"],
-                            "name": e["name"],
-                            **e["result"],
-                        }
-                        for e in results
+                        {"job": e.job, "node": e.node, "verb": e.verb, "name": e.name, **r}
+                        for e, r in rows
                     ],
                 }
             )
@@ -165,28 +161,27 @@ def _report(results: list[dict[str, Any]], parents: list[dict[str, Any]], fmt: s
             table(
                 [
                     [
-                        e["node"],
-                        e["name"] or e["verb"],
-                        e["job"][:8],
-                        e["result"]["state"],
-                        e["result"]["rc"],
-                        seconds(e["result"]["exec_time"]),
-                        first_line(e["result"]["stdout"]),
+                        e.node,
+                        e.name or e.verb,
+                        e.job[:8],
+                        r["state"],
+                        r["rc"],
+                        seconds(r["exec_time"]),
+                        first_line(r["stdout"]),
                     ]
-                    for e in results
+                    for e, r in rows
                 ],
                 ["NODE", "JOB", "ID", "STATE", "RC", "EXEC", "STDOUT"],
             )
         )
     counts: dict[str, int] = {}
-    for e in results:
-        counts[e["result"]["state"]] = counts.get(e["result"]["state"], 0) + 1
+    for _, r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"{len(results)} results: {summary}")
-    for e in failed:
-        r = e["result"]
+    for e, r in failed:
         print(
-            f"FAILED {e['node']}: job {e['job']} ({e['name'] or e['verb']}) {r['state']}"
+            f"FAILED {e.node}: job {e.job} ({e.name or e.verb}) {r['state']}"
             f" rc={r['rc']}: {r['stderr'].strip() or '(no stderr)'}",
             file=sys.stderr,
         )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from directord.config import Settings
 from directord.errors import ConfigError
 from directord.security import curve
+from directord.transports.zmq import ZmqOptions
 
 
-def generate_keys(settings: Settings, clients: list[str]) -> int:
+def generate_keys(options: ZmqOptions, clients: list[str]) -> int:
     """Write curve keys; existing files are backed up first. Prints what was written.
 
     Without ``--client``: the server key, the shared client key, and a fresh key
@@ -22,7 +22,7 @@ def generate_keys(settings: Settings, clients: list[str]) -> int:
     """
     for name in clients:
         curve.check_node_name(name)
-    root = Path(settings.zmq_key_dir)
+    root = Path(options.zmq_key_dir)
     existing = sorted(p.stem for p in (root / "public_keys").glob("*.key"))
     if clients:
         names = [n for n in (curve.SERVER, curve.SHARED_CLIENT) if n not in existing] + clients
@@ -39,6 +39,6 @@ def generate_keys(settings: Settings, clients: list[str]) -> int:
                     key="zmq_key_dir",
                 ) from None
         names = [curve.SERVER, curve.SHARED_CLIENT, *nodes]
-    for path in curve.generate(settings.zmq_key_dir, names):
+    for path in curve.generate(options.zmq_key_dir, names):
         print(path)
     return 0

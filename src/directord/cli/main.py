@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from directord import __version__
-from directord.config import Settings, load_settings, option_fields
+from directord.config import Settings, load_settings, option_fields, option_type
 from directord.errors import (
-    APIError,
     ConfigError,
-    DatastoreError,
     DirectordError,
+    ExecHelp,
     OrchestrationError,
     ServerUnavailable,
 )
@@ -33,17 +32,18 @@ SCOPES = {
 
 
 def _add_options(parser: argparse.ArgumentParser, scopes: set[str]) -> None:
-    """Add the Settings options visible for a command; unset flags are left out."""
+    """Add the options visible for a command; unset flags are left out.
+
+    The options are the common ones (:class:`Settings`) and every known
+    driver's, whichever driver is selected: a script passing another driver's
+    flags keeps working.
+    """
     for f in option_fields():
         wanted = f.metadata["scopes"]
         if "all" not in wanted and not (wanted & scopes):
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = (
-            f.type
-            if isinstance(f.type, type)
-            else {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
-        )
+        kind = option_type(f.name)
         if kind is bool:
             parser.add_argument(
                 flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"]
@@ -172,8 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = ns.command
         if command == "server" and ns.zmq_generate_keys:
             from directord.cli.keys import generate_keys
+            from directord.transports.zmq import ZmqOptions
 
-            return generate_keys(settings, ns.client)
+            return generate_keys(settings.options(ZmqOptions), ns.client)
         if command == "server":
             from directord.cli.daemons import run_server
 
@@ -201,13 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerUnavailable as exc:
         print(f"directord: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except ExecHelp as exc:  # not a failure: the help a job asked for
+        print(exc.text)
+        return EXIT_OK
     except (ConfigError, OrchestrationError) as exc:
+        # The server's refusals arrive typed (errors.remote_error): its ConfigError or
+        # OrchestrationError is a usage error here too.
         print(f"directord: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except APIError as exc:
-        print(f"directord: {exc}", file=sys.stderr)
-        return EXIT_USAGE if exc.kind in ("OrchestrationError", "ConfigError") else EXIT_FAILED
-    except (DatastoreError, DirectordError) as exc:
+    except DirectordError as exc:
         print(f"directord: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -19,8 +19,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from directord.components.base import Component, ExecHelp
-from directord.errors import ComponentArgsError, OrchestrationError
+from directord.components.base import Component
+from directord.errors import ComponentArgsError, ExecHelp, OrchestrationError
 from directord.models import FileRef, JobSpec, SourceFile, job_sha
 
 __all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs", "preload"]

@@ -25,18 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol
 
-from directord.errors import ComponentArgsError
-from directord.models import SourceFile, State
+from directord.errors import ComponentArgsError, ExecHelp, OrchestrationError
+from directord.models import FileRef, SourceFile, State
+from directord.protocol import Message
 
 DEFAULT_TIMEOUT = 600.0
-
-
-class ExecHelp(Exception):
-    """Raised by ``parse`` when ``--exec-help`` is given; carries the help text."""
-
-    def __init__(self, text: str):
-        self.text = text
-        super().__init__(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +96,7 @@ class ExecContext(Protocol):
     job_id: str
     timeout: float
     vars: dict[str, Any]
-    files: list[dict[str, Any]]
+    files: list[FileRef]
 
     def render(self, text: str) -> str:
         """Render Jinja2 with cached args (plus job vars); undefined names raise."""
@@ -178,6 +171,106 @@ class ExecContext(Protocol):
         ...
 
 
+class ServerTarget(Protocol):
+    """One node's slot in a job, as a server hook sees it."""
+
+    @property
+    def state(self) -> State:
+        """Where the job stands on that node."""
+        ...
+
+
+class ServerJob(Protocol):
+    """A job as a component's server hook sees it (the server's job record)."""
+
+    @property
+    def id(self) -> str:
+        """The job id."""
+        ...
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The component's parsed options."""
+        ...
+
+    @property
+    def files(self) -> tuple[FileRef, ...]:
+        """The files the job carries."""
+        ...
+
+    @property
+    def results(self) -> Mapping[str, ServerTarget]:
+        """Its targets by identity."""
+        ...
+
+    query: dict[str, Any]
+    query_done: bool
+
+
+class ServerContext(Protocol):
+    """What a component's server hook may do on the server."""
+
+    def job(self, job_id: str) -> ServerJob | None:
+        """A job by id."""
+        ...
+
+    def jobs_with_sha(self, sha: str) -> list[ServerJob]:
+        """Jobs with this fingerprint, newest first."""
+        ...
+
+    async def read_file(self, sha256: str, offset: int, size: int) -> bytes:
+        """Bytes of a file in the server's file store."""
+        ...
+
+    def send(self, identity: str, message: Message) -> None:
+        """Send a message to a node if it is online now (else nothing)."""
+        ...
+
+    def fail(self, identity: str, job: ServerJob, reason: str) -> None:
+        """End the node's target of the job as failed (once)."""
+        ...
+
+    def store(self, job: ServerJob) -> None:
+        """Persist the job record (after changing ``query``)."""
+        ...
+
+    @property
+    def query_max_bytes(self) -> int:
+        """The largest QUERY value a node may report (``--query-max-bytes``)."""
+        ...
+
+
+class ServerHook:
+    """The server-side half of a component, for the few that need one.
+
+    The server routes to it what nodes send about the component's jobs, after
+    checking that the job targets the node: the requests named in
+    ``requests`` (COPY's ``chunk``, JOB_WAIT's ``job_status``), reports
+    (QUERY's values), and the end of each target.
+    """
+
+    #: node request methods this hook answers
+    requests: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    async def request(self, node: str, job: ServerJob, method: str, params: dict[str, Any]) -> Any:
+        """Answer a node's request about one of its jobs.
+
+        Raises:
+            OrchestrationError: the request is refused (its text goes back to the node).
+        """
+        raise OrchestrationError(f"no {method!r} requests for this job", path="<node>")
+
+    def on_report(self, node: str, job: ServerJob, value: Any) -> None:
+        """A node reported a value for the job (QUERY)."""
+        raise OrchestrationError("this job takes no reports", path="<node>")
+
+    def on_target_final(self, job: ServerJob) -> None:
+        """A target of the job reached a final state."""
+
+
 class Component(ABC):
     """One verb. Subclasses declare their own options and the node-side action."""
 
@@ -189,6 +282,8 @@ class Component(ABC):
     # Components that mutate shared node state or depend on order (ARG, QUERY ...)
     # may ask for the node's exclusive lock; users can force it with --force-lock.
     needs_lock: ClassVar[bool] = False
+    # The server-side half, for components whose jobs need the server while they run.
+    server_hook: ClassVar[type[ServerHook] | None] = None
     # Components whose jobs carry files (COPY/ADD) read them where the job is
     # submitted, with the submitter's rights (source_files); the server never does.
     takes_files: ClassVar[bool] = False

@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import glob
 import hashlib
+import logging
 import os
 import re
 import tempfile
 from typing import Any, ClassVar
 
-from directord.components.base import Component, ExecContext, Outcome
+from directord.components.base import Component, ExecContext, Outcome, ServerHook, ServerJob
 from directord.components.files import (
     apply_owner_mode,
     make_directories,
@@ -31,10 +32,11 @@ from directord.components.files import (
     owner_ids,
     parse_mode,
 )
-from directord.errors import ComponentArgsError, ComponentError
+from directord.errors import ComponentArgsError, ComponentError, OrchestrationError
 from directord.models import FileRef, SourceFile
 from directord.security.identities import identity_problem
 
+log = logging.getLogger(__name__)
 BLUEPRINT_LIMIT = 16 * 1024 * 1024
 
 
@@ -121,12 +123,47 @@ def _write_if_changed(
     return True
 
 
+CHUNK = 1024 * 1024
+
+
+def _whole(params: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OrchestrationError(f"{key} must be a whole number", path="<node>")
+    return value
+
+
+class CopyServer(ServerHook):
+    """Serves a COPY's files to its targets in chunks, each node only what is its own."""
+
+    requests: ClassVar[frozenset[str]] = frozenset({"chunk"})
+
+    async def request(
+        self, node: str, job: ServerJob, method: str, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        index, offset = _whole(params, "index"), _whole(params, "offset")
+        files = job.files
+        if not 0 <= index < len(files) or not 0 <= offset <= files[index].size:
+            raise OrchestrationError("no such file or offset in this job", path="<node>")
+        wanted = files[index]
+        if job.options.get("per_node") and wanted.name != per_node_name(
+            str(job.options.get("src", "")), node
+        ):
+            log.warning("node %s asked for %s, another node's file; refused", node, wanted.name)
+            raise OrchestrationError("that file is not for this node", path="<node>")
+        # Clamped: at most CHUNK bytes, and a negative size would read the whole file.
+        size = max(1, min(_whole(params, "size", CHUNK), CHUNK))
+        data = await self.ctx.read_file(wanted.sha256, offset, size)
+        return {"data": data, "eof": offset + len(data) >= wanted.size}
+
+
 class Copy(Component):
     """``COPY: [--chown U[:G]] [--chmod MODE] [--blueprint] SRC_GLOB DEST``."""
 
     verb: ClassVar[str] = "COPY"
     summary: ClassVar[str] = "Copy files matching SRC_GLOB to DEST on the nodes."
     takes_files: ClassVar[bool] = True
+    server_hook: ClassVar[type[ServerHook] | None] = CopyServer
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -181,7 +218,7 @@ class Copy(Component):
         indexes = list(range(len(files)))
         if options.get("per_node"):
             own = per_node_name(options["src"], ctx.identity)
-            indexes = [i for i in indexes if files[i]["name"] == own]
+            indexes = [i for i in indexes if files[i].name == own]
             if not indexes:
                 # Nodes without a file of their own (e.g. on the shared key) have nothing to do.
                 return Outcome.ok(f"no {own} for this node")
@@ -199,7 +236,7 @@ class Copy(Component):
         lines = []
         for index in indexes:
             info = files[index]
-            target = os.path.join(dest, info["name"]) if into_dir else dest
+            target = os.path.join(dest, info.name) if into_dir else dest
             # Owner and mode travel with the content: they are set on the new file's
             # descriptor before its rename, or on the unchanged file's own descriptor.
             try:
@@ -217,13 +254,13 @@ class Copy(Component):
         self,
         ctx: ExecContext,
         index: int,
-        info: dict[str, Any],
+        info: FileRef,
         target: str,
         uid: int,
         gid: int,
         mode: int | None,
     ) -> bool:
-        size, sha256 = int(info["size"]), info["sha256"]
+        size, sha256 = info.size, info.sha256
         if await asyncio.to_thread(_same_file, target, size, sha256, uid, gid, mode):
             return False
         await ctx.fetch_file(index, target, sha256, size, uid=uid, gid=gid, mode=mode)

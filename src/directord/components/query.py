@@ -11,16 +11,68 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from typing import Any, ClassVar
 
-from directord.components.base import Component, ExecContext, Outcome
+from directord.components.base import Component, ExecContext, Outcome, ServerHook, ServerJob
 from directord.errors import ComponentArgsError
+from directord.protocol import QueryData, encoded_size
+
+log = logging.getLogger(__name__)
+
+
+class QueryServer(ServerHook):
+    """Gathers each target's QUERY value, then sends all of them to every target.
+
+    "All" means once every target has reported, or has ended without reporting.
+    """
+
+    def on_report(self, node: str, job: ServerJob, value: Any) -> None:
+        size = encoded_size(value)
+        limit = self.ctx.query_max_bytes
+        if size > limit:
+            log.error(
+                "node %s reported a QUERY value of %d bytes for job %s, over the %d byte limit "
+                "(--query-max-bytes); its target fails",
+                node,
+                size,
+                job.id,
+                limit,
+            )
+            self.ctx.fail(
+                node,
+                job,
+                f"QUERY value of {size} bytes is over the limit of {limit} (--query-max-bytes)",
+            )
+            return
+        job.query[node] = value
+        self.ctx.store(job)
+        if job.query_done:
+            self.ctx.send(node, self._data(job))  # a late report gets everyone's values
+        else:
+            self.on_target_final(job)
+
+    def on_target_final(self, job: ServerJob) -> None:
+        if job.query_done:
+            return
+        if all(node in job.query or target.state.final for node, target in job.results.items()):
+            job.query_done = True
+            self.ctx.store(job)
+            data = self._data(job)
+            for node in job.results:
+                self.ctx.send(node, data)
+
+    @staticmethod
+    def _data(job: ServerJob) -> QueryData:
+        key = job.options["argv"][0]
+        return QueryData(id=job.id, data={node: {key: value} for node, value in job.query.items()})
 
 
 class Query(Component):
     """``QUERY: [--no-wait] KEY``."""
 
     verb: ClassVar[str] = "QUERY"
+    server_hook: ClassVar[type[ServerHook] | None] = QueryServer
     summary: ClassVar[str] = "Gather cached arg KEY from every target into each one's query cache."
 
     @classmethod

@@ -1,51 +1,34 @@
-"""Envelopes and frames.
+"""Batches and frames: how typed messages (protocol.messages) travel.
 
-An *envelope* is a msgpack map with a ``t`` (type) key. Envelopes travel in
-*batches*: one transport message is a msgpack array of envelopes, so a burst
-of 1000 jobs or results costs one send, not 1000. On byte streams (the user
-API's Unix socket) each batch is prefixed by its length as 4 big-endian bytes.
+One transport message is a *batch*: a msgpack array of messages, so a burst
+of 1000 jobs or results costs one send, not 1000. Each message is encoded
+once (a job sent to many nodes too) and batches are joined from the encoded
+parts. On byte streams (the user API's Unix socket and TCP) each batch is
+prefixed by its length as 4 big-endian bytes.
 
-Node <-> server envelope types::
-
-    node -> server: hello, hb, ack(ids), result, out, req(rid, m, p), qrep
-    server -> node: welcome, refuse(reason), job, rack(ids), rep(rid, ok, r|err), qdata
-
-Anything that is not a well-formed batch of maps with a string ``t`` raises
-:class:`ProtocolError`; callers close that peer and carry on.
+``encode_batch`` and ``decode_batch`` handle plain msgpack: the tests use them
+to play a hostile peer; directord itself speaks typed messages only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
+import msgspec
 
 from directord.errors import ProtocolError
+from directord.protocol.messages import MAX_FRAME, BatchDecoder, encode
 
-PROTOCOL_VERSION = 1
-MAX_FRAME = 16 * 1024 * 1024
 Envelope = dict[str, Any]
 _LEN = struct.Struct(">I")
 
 
-def encode_batch(envelopes: list[Envelope]) -> bytes:
-    """Pack envelopes into one transport message."""
-    data: bytes = msgpack.packb(envelopes, use_bin_type=True)
-    if len(data) > MAX_FRAME:
-        raise ProtocolError(f"batch of {len(data)} bytes exceeds the {MAX_FRAME} byte limit")
-    return data
-
-
-def pack(envelope: Envelope) -> bytes:
-    """Encode one envelope, to be joined into a batch by :func:`join_packed`."""
-    data: bytes = msgpack.packb(envelope, use_bin_type=True)
-    return data
-
-
-def join_packed(parts: list[bytes]) -> bytes:
-    """A batch made of envelopes packed one by one: an array header and the parts."""
+def join_packed(parts: Sequence[bytes]) -> bytes:
+    """A batch made of messages encoded one by one: an array header and the parts."""
     n = len(parts)
     if n < 16:
         header = bytes([0x90 | n])
@@ -61,43 +44,35 @@ def message_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_batch(data: bytes) -> list[Envelope]:
-    """Unpack one transport message; reject anything that is not a list of envelopes."""
-    if len(data) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME} byte limit")
-    try:
-        batch = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"undecodable message ({type(exc).__name__})") from None
-    if not isinstance(batch, list):
-        raise ProtocolError("message is not a batch of envelopes")
-    for env in batch:
-        if not isinstance(env, dict) or not isinstance(env.get("t"), str):
-            raise ProtocolError("envelope without a type")
-    return batch
+def frame(messages: Sequence[msgspec.Struct]) -> bytes:
+    """Encode messages as one batch with its length prefix, for byte streams.
 
-
-def frame(envelopes: list[Envelope]) -> bytes:
-    """Encode a batch with its length prefix, for byte streams."""
-    body = encode_batch(envelopes)
+    Raises:
+        ProtocolError: the batch would exceed MAX_FRAME.
+    """
+    body = join_packed([encode(m) for m in messages])
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"batch of {len(body)} bytes exceeds the {MAX_FRAME} byte limit")
     return _LEN.pack(len(body)) + body
 
 
 class FrameDecoder:
-    """Incremental decoder for length-prefixed batches on a byte stream."""
+    """Incremental decoder of length-prefixed batches on a byte stream."""
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, decoder: BatchDecoder | PlainBatches, max_frame: int = MAX_FRAME) -> None:
+        self._decoder = decoder
         self._buf = bytearray()
         self._max = max_frame
 
-    def feed(self, data: bytes) -> list[list[Envelope]]:
-        """Add bytes; return every complete batch now available.
+    def feed(self, data: bytes) -> list[list[Any]]:
+        """Add bytes; return every complete batch now available, decoded.
 
         Raises:
-            ProtocolError: a frame announces more than ``max_frame`` bytes, or is garbage.
+            ProtocolError: a frame announces more than ``max_frame`` bytes, or is not
+                a batch of the messages this side may receive.
         """
         self._buf += data
-        out: list[list[Envelope]] = []
+        out: list[list[Any]] = []
         while len(self._buf) >= 4:
             (size,) = _LEN.unpack_from(self._buf)
             if size > self._max:
@@ -106,10 +81,48 @@ class FrameDecoder:
                 break
             body = bytes(self._buf[4 : 4 + size])
             del self._buf[: 4 + size]
-            out.append(decode_batch(body))
+            out.append(self._decoder.decode(body))
         return out
 
     @property
     def pending(self) -> int:
         """Bytes buffered that do not yet form a whole frame."""
         return len(self._buf)
+
+
+# ---- plain msgpack, for tests that play a hostile peer --------------------------------------
+def pack(value: Any) -> bytes:
+    """Any value as msgpack (a hostile peer's way: no types are checked)."""
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+class PlainBatches:
+    """Decodes batches into plain maps, for a FrameDecoder in a test that plays a user."""
+
+    def decode(self, data: bytes) -> list[Envelope]:
+        """A batch as plain maps (see :func:`decode_batch`)."""
+        return decode_batch(data)
+
+
+def encode_batch(envelopes: list[Any]) -> bytes:
+    """Pack any values as one batch (a hostile peer's way: no types are checked)."""
+    data: bytes = msgpack.packb(envelopes, use_bin_type=True)
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"batch of {len(data)} bytes exceeds the {MAX_FRAME} byte limit")
+    return data
+
+
+def decode_batch(data: bytes) -> list[Envelope]:
+    """Unpack one batch as plain maps (what a test peer reads)."""
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME} byte limit")
+    try:
+        batch = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"undecodable message ({type(exc).__name__})") from None
+    if not isinstance(batch, list):
+        raise ProtocolError("message is not a batch of envelopes")
+    if not all(isinstance(env, dict) and isinstance(env.get("t"), str) for env in batch):
+        raise ProtocolError("envelope without a type")
+    return batch

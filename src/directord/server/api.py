@@ -1,9 +1,10 @@
-"""The user API: length-prefixed msgpack requests on a local Unix socket.
+"""The user API's sockets: length-prefixed batches of typed messages.
 
-Request ``{"rid", "m", "p"}``; reply ``{"rid", "ok": true, "r"}`` or
-``{"rid", "ok": false, "err": {"type", "msg"}}``. ``watch`` replies with a
-stream of ``{"rid", "ev", ...}`` events ending with ``{"ev": "done"}``.
-The socket is created mode 0660, owned by ``--socket-group`` if given.
+A request is an ``ApiRequest``; its answer an ``ApiReply`` (``result``, or a
+typed ``error``); ``watch`` streams ``ApiEvent``s ending with ``done``. What
+each method does is in server/api_methods.py; this module owns the sockets,
+who may connect, and for how long. The Unix socket is created mode 0660,
+owned by ``--socket-group`` if given.
 
 With ``--api-bind`` the API is served on TCP too, with TLS, to operators only:
 the client's certificate must carry the operator mark (``pki issue --operator``);
@@ -17,23 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import grp
 import logging
 import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 
-from directord import __version__
+from directord.config import Settings
 from directord.errors import CertificateError, ConfigError, DirectordError, ProtocolError
-from directord.protocol import Envelope, FrameDecoder, frame
+from directord.protocol import (
+    FROM_USER,
+    ApiReply,
+    ApiRequest,
+    Bye,
+    ErrorInfo,
+    FrameDecoder,
+    Message,
+    frame,
+)
 from directord.security.pki import common_name, describe
 from directord.security.tls import (
     Revocations,
@@ -41,11 +49,8 @@ from directord.security.tls import (
     operator_refusal,
     server_tls_context,
 )
-from directord.server import analysis
-from directord.server.filestore import UploadSession
-
-if TYPE_CHECKING:
-    from directord.server.app import Server
+from directord.server.api_methods import ApiMethods
+from directord.server.filestore import FileStore, UploadSession
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +67,17 @@ class _Operator:
 class APIServer:
     """Serves users (CLI, library) on the API socket."""
 
-    def __init__(self, server: Server, activated: socket.socket | None = None) -> None:
-        self.server = server
-        self.where = server.settings.socket_path
+    def __init__(
+        self,
+        settings: Settings,
+        methods: ApiMethods,
+        files: FileStore,
+        activated: socket.socket | None = None,
+    ) -> None:
+        self.settings = settings
+        self.methods = methods
+        self.files = files
+        self.where = settings.socket_path
         self._activated = activated
         self._srv: asyncio.Server | None = None
         self._tcp: asyncio.Server | None = None
@@ -76,7 +89,7 @@ class APIServer:
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve; TCP+TLS too if asked."""
-        settings = self.server.settings
+        settings = self.settings
         if settings.api_max_connections < 1:
             raise ConfigError("api_max_connections must be 1 or more", key="api_max_connections")
         if not 0 <= settings.api_idle_timeout < math.inf:
@@ -129,11 +142,11 @@ class APIServer:
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o660)
-            if self.server.settings.socket_group:
-                os.chown(path, -1, grp.getgrnam(self.server.settings.socket_group).gr_gid)
+            if self.settings.socket_group:
+                os.chown(path, -1, grp.getgrnam(self.settings.socket_group).gr_gid)
         except KeyError:
             raise ConfigError(
-                f"group {self.server.settings.socket_group!r} does not exist", key="socket_group"
+                f"group {self.settings.socket_group!r} does not exist", key="socket_group"
             ) from None
         except OSError as exc:
             raise ConfigError(
@@ -212,7 +225,7 @@ class APIServer:
         Only the wait for a request counts: a request in progress (a ``watch`` too)
         does not read, so it is never idle.
         """
-        idle = self.server.settings.api_idle_timeout
+        idle = self.settings.api_idle_timeout
         try:
             async with asyncio.timeout(idle or None):
                 return await reader.read(65536)
@@ -222,19 +235,19 @@ class APIServer:
             )
             # Said before closing: a client whose next request crosses this knows that
             # the request was never read, and may send it again on a new connection.
-            writer.write(frame([{"t": "bye", "reason": "idle"}]))
+            writer.write(frame([Bye(reason="idle")]))
             return b""
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        cap = self.server.settings.api_max_connections
+        cap = self.settings.api_max_connections
         if len(self._conns) >= cap:
             await _refuse(writer, f"{cap} connections are open already (api_max_connections)")
             return
         self._conns.add(task)
-        decoder = FrameDecoder()
-        uploads = UploadSession(self.server.files)
+        decoder = FrameDecoder(FROM_USER)
+        uploads = UploadSession(self.files)
         try:
             while True:
                 data = await self._read(reader, writer)
@@ -257,149 +270,27 @@ class APIServer:
                 await writer.wait_closed()
 
     async def _dispatch(
-        self, request: Envelope, writer: asyncio.StreamWriter, uploads: UploadSession
+        self, request: ApiRequest, writer: asyncio.StreamWriter, uploads: UploadSession
     ) -> None:
-        rid = request.get("rid")
-        method = str(request.get("m", ""))
-        params = request.get("p") or {}
-        try:
-            if not isinstance(params, dict):
-                raise ProtocolError("params must be a mapping")
-            if method == "watch":
-                await self._watch(rid, params, writer)
-                return
-            handler: Callable[[dict[str, Any]], Awaitable[Any]] | None
-            if method == "file_put":
-                handler = functools.partial(self._file_put, uploads)
-            elif method == "submit":
-                handler = functools.partial(self._submit, uploads)
-            else:
-                handler = getattr(self, f"_m_{method}", None)
-            if handler is None:
-                raise ProtocolError(f"unknown API method {method!r}")
-            result = await handler(params)
-            reply: Envelope = {"t": "rep", "rid": rid, "ok": True, "r": result}
-        except DirectordError as exc:
-            reply = {
-                "t": "rep",
-                "rid": rid,
-                "ok": False,
-                "err": {"type": type(exc).__name__, "msg": str(exc)},
-            }
-        except Exception as exc:
-            log.exception("API method %r failed", method)
-            reply = {
-                "t": "rep",
-                "rid": rid,
-                "ok": False,
-                "err": {"type": "InternalError", "msg": f"server error: {exc}"},
-            }
-        writer.write(frame([reply]))
-        await writer.drain()
-
-    async def _watch(self, rid: Any, params: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        jobs = self.server.jobs
-        job_ids = [str(j) for j in params.get("jobs") or []]
-        for parent_id in params.get("parents") or []:
-            parent = jobs.parents.get(str(parent_id))
-            if parent is not None:
-                job_ids.extend(parent.jobs)
-        watcher = jobs.watch(job_ids, bool(params.get("output")), bool(params.get("summary")))
-        try:
-            while True:
-                events = watcher.take()
-                if events:
-                    writer.write(frame([{"t": "ev", "rid": rid, **e} for e in events]))
-                    await writer.drain()
-                if not watcher.pending and not watcher.events:
-                    break
-                await watcher.wake.wait()
-            writer.write(frame([{"t": "ev", "rid": rid, "ev": "done"}]))
+        async def send(messages: list[Message]) -> None:
+            writer.write(frame(messages))
             await writer.drain()
-        finally:
-            jobs.unwatch(watcher)
 
-    # ---- methods ---------------------------------------------------------------------
-    async def _m_ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"version": __version__, "address": self.server.address}
-
-    async def _submit(self, uploads: UploadSession, params: dict[str, Any]) -> dict[str, Any]:
-        return await self.server.submit(params, frozenset(uploads.proven))
-
-    async def _file_put(self, uploads: UploadSession, params: dict[str, Any]) -> dict[str, Any]:
-        """One piece of a file for a COPY/ADD job, uploaded by the submitting user."""
-        return uploads.put(
-            params.get("sha256"), params.get("size"), params.get("offset"), params.get("data")
-        )
-
-    async def _m_nodes(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.server.nodes.listing()
-
-    async def _m_jobs(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        rows = [j.summary() for j in sorted(self.server.jobs.jobs.values(), key=lambda j: j.order)]
-        wanted = params.get("filter")
-        if wanted == "success":
-            rows = [r for r in rows if r["success"] and not r["failed"] and not r["processing"]]
-        elif wanted == "failed":
-            rows = [r for r in rows if r["failed"]]
-        elif wanted == "processing":
-            rows = [r for r in rows if r["processing"]]
-        elif wanted:
-            raise ConfigError(
-                f"unknown filter {wanted!r} (success, failed, processing)", key="filter"
-            )
-        if params.get("full"):
-            by_id = self.server.jobs.jobs
-            return [by_id[r["id"]].info() for r in rows]
-        return rows
-
-    async def _m_job_info(self, params: dict[str, Any]) -> dict[str, Any]:
-        job = self.server.jobs.resolve(str(params.get("id", "")))
-        if job is None:
-            raise ConfigError(f"no job {params.get('id')!r}", key="job-info")
-        return job.info()
-
-    async def _m_parent_info(self, params: dict[str, Any]) -> dict[str, Any]:
-        parent = self.server.jobs.parents.get(str(params.get("id", "")))
-        if parent is None:
-            raise ConfigError(f"no orchestration {params.get('id')!r}", key="parent")
-        return {
-            **parent.to_dict(),
-            "job_info": [
-                self.server.jobs.jobs[j].info() for j in parent.jobs if j in self.server.jobs.jobs
-            ],
-        }
-
-    async def _m_purge_jobs(self, params: dict[str, Any]) -> dict[str, Any]:
-        count = self.server.jobs.purge()
-        await self.server.persister.drain()
-        # Uploaded files that no remaining job carries go too.
-        self.server.files.keep_only(
-            f.get("sha256", "") for job in self.server.jobs.jobs.values() for f in job.files
-        )
-        return {"purged": count}
-
-    async def _m_purge_nodes(self, params: dict[str, Any]) -> dict[str, Any]:
-        count = self.server.nodes.purge_offline()
-        await self.server.persister.drain()
-        return {"purged": count}
-
-    async def _m_analyze(self, params: dict[str, Any]) -> dict[str, Any]:
-        jobs = self.server.jobs
-        if params.get("job"):
-            job = jobs.resolve(str(params["job"]))
-            if job is None:
-                raise ConfigError(f"no job {params['job']!r}", key="analyze-job")
-            return analysis.analyze([job])
-        if params.get("parent"):
-            parent = jobs.parents.get(str(params["parent"]))
-            if parent is None:
-                matches = [p for k, p in jobs.parents.items() if k.startswith(params["parent"])]
-                parent = matches[0] if len(matches) == 1 else None
-            if parent is None:
-                raise ConfigError(f"no orchestration {params['parent']!r}", key="analyze-parent")
-            return analysis.analyze([jobs.jobs[j] for j in parent.jobs if j in jobs.jobs])
-        return analysis.analyze(list(jobs.jobs.values()))
+        reply: ApiReply
+        try:
+            if request.method == "watch":
+                await self.methods.watch(request.rid, request.params, send)
+                return
+            result = await self.methods.call(request.method, request.params, uploads)
+            reply = ApiReply(rid=request.rid, ok=True, result=result)
+        except DirectordError as exc:
+            error = ErrorInfo(type=type(exc).__name__, msg=str(exc), code=exc.code)
+            reply = ApiReply(rid=request.rid, ok=False, error=error)
+        except Exception as exc:
+            log.exception("API method %r failed", request.method)
+            error = ErrorInfo(type="InternalError", msg=f"server error: {exc}", code="internal")
+            reply = ApiReply(rid=request.rid, ok=False, error=error)
+        await send([reply])
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

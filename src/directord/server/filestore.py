@@ -29,6 +29,7 @@ from pathlib import Path
 from directord.errors import ConfigError, OrchestrationError
 from directord.security.private import private_directory
 
+DEFAULT_ROOT = "/var/lib/directord/files"
 #: The most one ``file_put`` may carry (connect.UPLOAD_CHUNK, what the CLI sends).
 UPLOAD_CHUNK = 1024 * 1024
 #: Uploads one API connection may have open at once.
@@ -57,9 +58,27 @@ def default_root(datastore: str) -> str | None:
 class FileStore:
     """Content-addressed files on the server's disk."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, private: bool = False) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
+        self._private = private  # a directory of our own, removed at close
+
+    @classmethod
+    def for_settings(cls, file_store: str, datastore: str) -> FileStore:
+        """The store ``--file-store`` names, else beside the datastore (see its help).
+
+        With a memory datastore nothing outlives the server, its files neither: they
+        go to a private temporary directory, removed at close.
+        """
+        root = file_store or default_root(datastore)
+        if root is None and datastore == "memory":
+            return cls(tempfile.mkdtemp(prefix="directord-files-"), private=True)
+        return cls(root or DEFAULT_ROOT)
+
+    def close(self) -> None:
+        """Remove a private store (a memory datastore's); a real one stays."""
+        if self._private:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def start(self) -> None:
         """Create the directory (0700) and drop uploads a previous run left unfinished.

@@ -58,7 +58,6 @@ class PlannedJob:
 
     spec: JobSpec
     targets: list[str]
-    files: list[dict[str, Any]]
 
 
 class Watcher:
@@ -154,25 +153,16 @@ class JobBook:
         records = []
         for plan in planned:
             self._order += 1
-            spec = plan.spec
             job = JobRecord(
                 id=str(uuid.uuid4()),
                 parent_id=parent.id,
                 parent_name=name,
-                verb=spec.verb,
-                sha=spec.sha,
-                options=spec.options,
-                vars=spec.vars,
-                timeout=spec.timeout,
-                run_once=spec.run_once,
-                skip_cache=spec.skip_cache,
-                name=spec.name,
+                spec=plan.spec,
                 lane=parent.id if is_async else "",
                 stream=stream,
                 submitted=now,
                 order=self._order,
                 targets=list(plan.targets),
-                files=plan.files,
             )
             # Targets are not stored while queued: the job record lists them, and
             # load() rebuilds every target that has no final result yet.

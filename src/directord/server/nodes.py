@@ -6,6 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from directord.protocol import Hello
 from directord.server.persist import Persister
 from directord.server.records import NodeRecord
 
@@ -31,7 +32,7 @@ class NodeRegistry:
             rec.online = False
             self.records[identity] = rec
 
-    def attach(self, session: AgentSession, hello: dict[str, Any]) -> NodeRecord | None:
+    def attach(self, session: AgentSession, hello: Hello) -> NodeRecord | None:
         """Bind a registered session to its identity; None if the identity is in use."""
         identity = session.identity
         current = self.sessions.get(identity)
@@ -39,12 +40,12 @@ class NodeRegistry:
             return None
         now = time.time()
         rec = self.records.get(identity) or NodeRecord(identity=identity, first_seen=now)
-        rec.machine_id = str(hello.get("machine_id", ""))
-        rec.version = str(hello.get("version", ""))
-        rec.driver = str(hello.get("driver", ""))
-        rec.heartbeat_interval = float(hello.get("heartbeat_interval", 60.0))
-        rec.host_boot = float(hello.get("host_boot", 0.0))
-        rec.agent_start = float(hello.get("agent_start", 0.0))
+        rec.machine_id = hello.machine_id
+        rec.version = hello.version
+        rec.driver = hello.driver
+        rec.heartbeat_interval = hello.heartbeat_interval
+        rec.host_boot = hello.host_boot
+        rec.agent_start = hello.agent_start
         rec.last_seen = now
         rec.online = True
         rec.peer = session.link.conn.peer

@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from directord.models import State
+from directord.models import FileRef, JobSpec, State
+from directord.protocol import Job
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -96,68 +97,139 @@ class TargetRecord:
 
 @dataclass(slots=True)
 class JobRecord:
-    """One job of one orchestration (parent), with its targets' results."""
+    """One job of one orchestration run (its parent), with its targets' results.
+
+    ``spec`` is the job as built once from the submission (verb, options, files
+    ...); the record adds where it goes and how it went.
+    """
 
     id: str
     parent_id: str
     parent_name: str
-    verb: str
-    sha: str
-    options: dict[str, Any]
-    vars: dict[str, Any]
-    timeout: float
-    run_once: bool
-    skip_cache: bool
-    name: str
+    spec: JobSpec
     lane: str
     stream: bool
     submitted: float
     order: int
     targets: list[str] = field(default_factory=list)
-    # COPY/ADD sources on the server side; only these paths are ever served.
-    files: list[dict[str, Any]] = field(default_factory=list)
     query: dict[str, Any] = field(default_factory=dict)
     query_done: bool = False
     results: dict[str, TargetRecord] = field(default_factory=dict)
+
+    # The spec's fields, read often enough to be named here.
+    @property
+    def verb(self) -> str:
+        """The component verb."""
+        return self.spec.verb
+
+    @property
+    def sha(self) -> str:
+        """The job's fingerprint."""
+        return self.spec.sha
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The component's parsed options."""
+        return self.spec.options
+
+    @property
+    def name(self) -> str:
+        """The job's name in its orchestration ('' if none)."""
+        return self.spec.name
+
+    @property
+    def timeout(self) -> float:
+        """Seconds the job may run."""
+        return self.spec.timeout
+
+    @property
+    def files(self) -> tuple[FileRef, ...]:
+        """The files the job carries (COPY/ADD), kept in the server's file store."""
+        return self.spec.files
 
     @property
     def done(self) -> bool:
         """True when every target reached a final state."""
         return all(r.state.final for r in self.results.values())
 
-    def wire(self) -> dict[str, Any]:
-        """The ``job`` envelope sent to a node (no server paths)."""
-        env: dict[str, Any] = {
-            "t": "job",
-            "id": self.id,
-            "parent": self.parent_id,
-            "lane": self.lane,
-            "verb": self.verb,
-            "sha": self.sha,
-            "options": self.options,
-            "timeout": self.timeout,
-            "skip_cache": self.skip_cache,
-            "stream": self.stream,
-        }
-        if self.vars:
-            env["vars"] = self.vars
-        if self.files:
-            env["files"] = [
-                {"name": f["name"], "size": f["size"], "sha256": f["sha256"]} for f in self.files
-            ]
-        return env
+    def message(self) -> Job:
+        """The ``job`` message sent to each target (one encoding serves them all)."""
+        spec = self.spec
+        return Job(
+            id=self.id,
+            parent=self.parent_id,
+            lane=self.lane,
+            verb=spec.verb,
+            sha=spec.sha,
+            options=spec.options,
+            timeout=spec.timeout,
+            skip_cache=spec.skip_cache,
+            stream=self.stream,
+            vars=spec.vars,
+            files=list(spec.files),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for the datastore (results are stored apart)."""
-        data = _asdict(self)
-        del data["results"]
-        return data
+        """Plain dict for the datastore (results are stored apart); the spec flattened."""
+        spec = self.spec
+        return {
+            "id": self.id,
+            "parent_id": self.parent_id,
+            "parent_name": self.parent_name,
+            "verb": spec.verb,
+            "sha": spec.sha,
+            "options": spec.options,
+            "vars": spec.vars,
+            "timeout": spec.timeout,
+            "run_once": spec.run_once,
+            "skip_cache": spec.skip_cache,
+            "name": spec.name,
+            "lane": self.lane,
+            "stream": self.stream,
+            "submitted": self.submitted,
+            "order": self.order,
+            "targets": self.targets,
+            "files": [f.to_dict() for f in spec.files],
+            "query": self.query,
+            "query_done": self.query_done,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        """Rebuild from a stored dict (results attached by the caller)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"results"}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Rebuild from a stored dict (results attached by the caller).
+
+        A file entry stored before files were kept by content (a path, no sha256)
+        is dropped: its job can no longer be served, and says so when asked.
+        """
+        files = tuple(
+            FileRef(str(f["name"]), int(f["size"]), str(f["sha256"]))
+            for f in data.get("files") or ()
+            if isinstance(f, dict) and "sha256" in f
+        )
+        spec = JobSpec(
+            verb=data["verb"],
+            options=data["options"],
+            sha=data["sha"],
+            timeout=data["timeout"],
+            run_once=data["run_once"],
+            skip_cache=data["skip_cache"],
+            name=data.get("name", ""),
+            vars=data.get("vars") or {},
+            files=files,
+        )
+        return cls(
+            id=data["id"],
+            parent_id=data["parent_id"],
+            parent_name=data["parent_name"],
+            spec=spec,
+            lane=data["lane"],
+            stream=data["stream"],
+            submitted=data["submitted"],
+            order=data["order"],
+            targets=list(data.get("targets") or []),
+            query=dict(data.get("query") or {}),
+            query_done=bool(data.get("query_done")),
+        )
 
     def summary(self) -> dict[str, Any]:
         """One row of ``manage --list-jobs``."""
@@ -181,8 +253,7 @@ class JobRecord:
     def info(self) -> dict[str, Any]:
         """Everything about the job, for ``--job-info`` and watchers."""
         data = self.to_dict()
-        data.pop("files")
-        data["files"] = [{"name": f["name"], "size": f["size"]} for f in self.files]
+        data["files"] = [{"name": f.name, "size": f.size} for f in self.files]
         data["results"] = {k: r.to_dict() for k, r in self.results.items()}
         data.update({k: v for k, v in self.summary().items() if k not in data})
         return data

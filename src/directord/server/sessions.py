@@ -2,24 +2,46 @@
 
 Every message after ``hello`` is attributed to the identity bound to this
 session, never to a name field inside the message: a node can report only on
-jobs that target it, and fetch only files of those jobs.
+jobs that target it, and fetch only files of those jobs. Messages arrive
+typed (protocol.messages) and are dispatched through a table keyed by type;
+a kind a node may not send fails at decode, and ends the session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from directord import __version__
 from directord.errors import ConnectionLost, DirectordError, ProtocolError
 from directord.models import State
-from directord.protocol import PROTOCOL_VERSION, Envelope
+from directord.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Heartbeat,
+    Hello,
+    Message,
+    Output,
+    ParkedTaken,
+    QueryReport,
+    Refuse,
+    Reply,
+    Request,
+    Result,
+    ResultAck,
+    Welcome,
+)
 from directord.security.identities import identity_problem
+from directord.server.dispatch import Dispatcher
+from directord.server.hooks import ComponentHooks
+from directord.server.jobs import JobBook
+from directord.server.nodes import NodeRegistry
+from directord.server.parking import ParkingLot
+from directord.server.persist import Persister
 from directord.transports.base import Link
-
-if TYPE_CHECKING:
-    from directord.server.app import Server
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
@@ -42,16 +64,44 @@ NODE_STATES = frozenset(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class SessionParts:
+    """The parts of the server a node's session works with."""
+
+    nodes: NodeRegistry
+    jobs: JobBook
+    persister: Persister
+    parking: ParkingLot
+    dispatcher: Dispatcher
+    hooks: ComponentHooks
+    #: why an identity may not register (the allow-list), or None
+    admit: Callable[[str], str | None]
+
+
 class AgentSession:
     """Runs for the lifetime of one node connection."""
 
-    def __init__(self, server: Server, link: Link) -> None:
-        self.server = server
+    def __init__(self, parts: SessionParts, link: Link) -> None:
+        self.parts = parts
         self.link = link
         self.identity = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[Any] | None = None
         self._close_reason = ""
+        self._handlers: dict[type[Message], Callable[[Any], str | None]] = {
+            Result: self._on_result,
+            Ack: self._on_ack,
+            Heartbeat: self._on_heartbeat,
+            Output: self._on_output,
+            Request: self._on_request,
+            ParkedTaken: self._on_parked,
+            QueryReport: self._on_report,
+            Hello: self._on_second_hello,
+        }
+
+    def post_packed(self, packed: bytes) -> None:
+        """Queue an encoded message for the node."""
+        self.link.post_packed(packed)
 
     def close(self, reason: str) -> None:
         """End the session from outside (a silent node); its stream is cancelled.
@@ -66,7 +116,7 @@ class AgentSession:
     def refuse(self, reason: str) -> None:
         """Tell the peer why it is turned away (the caller then closes)."""
         log.warning("refused node from %s: %s", self.link.conn.peer, reason)
-        self.link.post({"t": "refuse", "reason": reason})
+        self.link.post(Refuse(reason=reason))
 
     async def run(self) -> None:
         """Register the node, then handle its messages until the link drops."""
@@ -75,27 +125,23 @@ class AgentSession:
         self._task = asyncio.current_task()
         try:
             batch = await asyncio.wait_for(self.link.recv(), HELLO_TIMEOUT)
-            hello = batch[0] if batch else {}
+            hello = batch[0] if batch else None
             problem = self._check_hello(hello)
-            if problem:
-                self.refuse(problem)
+            if problem or not isinstance(hello, Hello):
+                self.refuse(problem or "first message must be hello")
                 await self.link.flush(1.0)
                 return
-            if self.server.nodes.attach(self, hello) is None:
+            parts = self.parts
+            if parts.nodes.attach(self, hello) is None:
                 self.refuse(f"identity {self.identity!r} is already connected")
                 await self.link.flush(1.0)
                 return
             registered = True
-            parked = self.server.parking.owed(self.identity)
+            parked = parts.parking.owed(self.identity)
             self.link.post(
-                {
-                    "t": "welcome",
-                    "version": __version__,
-                    "proto": PROTOCOL_VERSION,
-                    "parked": [[job_id, sha] for job_id, sha in parked.items()],
-                }
+                Welcome(version=__version__, proto=PROTOCOL_VERSION, parked=list(parked.items()))
             )
-            self.server.node_online(self, hello, parked)
+            parts.dispatcher.node_online(self, hello, parked)
             await self._handle(batch[1:])
             while True:
                 await self._handle(await self.link.recv())
@@ -132,120 +178,111 @@ class AgentSession:
                 task.cancel()
             await self.link.close()
             if registered:
-                self.server.node_gone(self, self._close_reason or reason)
+                self.parts.nodes.detach(self, self._close_reason or reason)
 
-    def _check_hello(self, hello: Envelope) -> str | None:
-        if hello.get("t") != "hello":
+    def _check_hello(self, hello: object) -> str | None:
+        if not isinstance(hello, Hello):
             return "first message must be hello"
-        identity = hello.get("identity")
-        problem = identity_problem(identity)
-        if problem or not isinstance(identity, str):
-            return problem or "invalid identity"
-        if hello.get("proto") != PROTOCOL_VERSION:
-            return f"protocol version {hello.get('proto')!r} unsupported (need {PROTOCOL_VERSION})"
+        problem = identity_problem(hello.identity)
+        if problem:
+            return problem
+        if hello.proto != PROTOCOL_VERSION:
+            return (
+                f"protocol version {hello.proto} is not this server's {PROTOCOL_VERSION}: "
+                "run the same directord version on the server and the nodes"
+            )
         proven = self.link.conn.peer_identity
-        if proven is not None and proven != identity:
-            return f"identity {identity!r} does not match the credential's {proven!r}"
-        self.identity = identity
-        return self.server.check_identity(identity)
+        if proven is not None and proven != hello.identity:
+            return f"identity {hello.identity!r} does not match the credential's {proven!r}"
+        self.identity = hello.identity
+        return self.parts.admit(hello.identity)
 
-    async def _handle(self, batch: list[Envelope]) -> None:
+    async def _handle(self, batch: list[Message]) -> None:
         if not batch:
             return
-        self.server.nodes.touch(self.identity)
-        acks: list[str] = []
-        try:
-            for env in batch:
-                kind = env["t"]
-                if kind == "result":
-                    acks.append(self._result(env))
-                elif kind == "ack":
-                    self.server.jobs.mark_delivered(self.identity, [str(i) for i in env["ids"]])
-                elif kind == "hb":
-                    self.server.nodes.touch(self.identity, persist=True)
-                elif kind == "out":
-                    self.server.jobs.output(
-                        self.identity, str(env["id"]), str(env["s"]), str(env["d"])[:MAX_LINE]
-                    )
-                elif kind == "req":
-                    if len(self._tasks) >= MAX_REQUESTS:
-                        # Each answer may carry a 1 MiB file chunk: a node that asks and
-                        # never reads would otherwise pile them up in our memory.
-                        self._refuse_request(env)
-                    else:
-                        self._spawn(self._request(env))
-                elif kind == "parked":
-                    self.server.parked_taken(self, [str(i) for i in env["missing"]])
-                elif kind == "qrep":
-                    self.server.on_query_report(self.identity, str(env["id"]), env.get("value"))
-                else:
-                    log.debug("node %s: ignoring unknown message type %r", self.identity, kind)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed message: {type(exc).__name__} {exc}") from None
+        self.parts.nodes.touch(self.identity)
+        acks = [job_id for message in batch if (job_id := self._handlers[type(message)](message))]
         if acks:
             link = self.link
             # Acks only let the node prune its journal: no hurry, let them batch.
-            self.server.persister.after_flush(
-                lambda: link.post({"t": "rack", "ids": acks}, linger=ACK_LINGER)
+            self.parts.persister.after_flush(
+                lambda: link.post(ResultAck(ids=acks), linger=ACK_LINGER)
             )
 
-    def _result(self, env: Envelope) -> str:
-        job_id = str(env["id"])
-        state = State(env["state"])
-        target = self.server.jobs.target_of(job_id, self.identity)
+    # ---- handlers: each returns the id of a result to acknowledge, or None -----------------
+    def _on_result(self, result: Result) -> str:
+        jobs = self.parts.jobs
+        target = jobs.target_of(result.id, self.identity)
         if target is None:
             log.warning(
                 "node %s reported on job %s, which does not target it; ignored",
                 self.identity,
-                job_id,
+                result.id,
             )
-            return job_id
-        if state not in NODE_STATES:
-            raise ValueError(f"state {state} cannot be reported by a node")
-        exec_time = env.get("exec_time")
-        rc = env.get("rc")
-        self.server.jobs.finish(
+            return result.id
+        if result.state not in NODE_STATES:
+            raise ProtocolError(f"state {result.state} cannot be reported by a node")
+        jobs.finish(
             self.identity,
             target,
-            state,
-            rc=int(rc) if rc is not None else None,
-            stdout=str(env.get("stdout", "")),
-            stderr=str(env.get("stderr", "")),
-            exec_time=float(exec_time) if exec_time is not None else None,
+            result.state,
+            rc=result.rc,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            exec_time=result.exec_time,
         )
-        self.server.on_target_final(job_id)
-        return job_id
+        self.parts.hooks.on_target_final(result.id)
+        return result.id
 
-    def _refuse_request(self, env: Envelope) -> None:
-        log.warning(
-            "node %s has %d requests in flight (limit %d); refused one",
-            self.identity,
-            len(self._tasks),
-            MAX_REQUESTS,
-        )
-        self.link.post(
-            {
-                "t": "rep",
-                "rid": env.get("rid"),
-                "ok": False,
-                "err": f"too many requests in flight (limit {MAX_REQUESTS})",
-            }
-        )
+    def _on_ack(self, ack: Ack) -> None:
+        self.parts.jobs.mark_delivered(self.identity, ack.ids)
 
-    def _spawn(self, coro: Any) -> None:
+    def _on_heartbeat(self, _: Heartbeat) -> None:
+        self.parts.nodes.touch(self.identity, persist=True)
+
+    def _on_output(self, out: Output) -> None:
+        self.parts.jobs.output(self.identity, out.id, out.stream, out.data[:MAX_LINE])
+
+    def _on_request(self, request: Request) -> None:
+        if len(self._tasks) >= MAX_REQUESTS:
+            # Each answer may carry a 1 MiB file chunk: a node that asks and never
+            # reads would otherwise pile them up in our memory.
+            log.warning(
+                "node %s has %d requests in flight (limit %d); refused one",
+                self.identity,
+                len(self._tasks),
+                MAX_REQUESTS,
+            )
+            self.link.post(
+                Reply(
+                    rid=request.rid,
+                    ok=False,
+                    error=f"too many requests in flight (limit {MAX_REQUESTS})",
+                )
+            )
+        else:
+            self._spawn(self._answer(request))
+
+    def _on_parked(self, parked: ParkedTaken) -> None:
+        self.parts.dispatcher.parked_taken(self, parked.missing)
+
+    def _on_report(self, report: QueryReport) -> None:
+        self.parts.hooks.report(self.identity, report.id, report.value)
+
+    def _on_second_hello(self, _: Hello) -> None:
+        raise ProtocolError("hello after registration")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _request(self, env: Envelope) -> None:
-        rid = env.get("rid")
+    async def _answer(self, request: Request) -> None:
         try:
-            result = await self.server.node_request(
-                self.identity, str(env["m"]), dict(env.get("p") or {})
-            )
-            self.link.post({"t": "rep", "rid": rid, "ok": True, "r": result})
+            result = await self.parts.hooks.request(self.identity, request.method, request.params)
+            self.link.post(Reply(rid=request.rid, ok=True, result=result))
         except DirectordError as exc:
-            self.link.post({"t": "rep", "rid": rid, "ok": False, "err": str(exc)})
+            self.link.post(Reply(rid=request.rid, ok=False, error=str(exc)))
         except Exception as exc:
-            log.exception("node %s: request %r failed", self.identity, env.get("m"))
-            self.link.post({"t": "rep", "rid": rid, "ok": False, "err": f"server error: {exc}"})
+            log.exception("node %s: request %r failed", self.identity, request.method)
+            self.link.post(Reply(rid=request.rid, ok=False, error=f"server error: {exc}"))

@@ -31,6 +31,10 @@ Spec sheet
   ``SESSION_QUEUE_BYTES`` (broker.py) before the session is dropped.
 * Reconnects: aio-pika's robust connection restores channels, queues and
   consumers after a broker restart; sessions then start over (see broker.py).
+* Options: :class:`AmqpOptions` (with ``--broker-namespace`` and
+  ``--messaging-queue-ttl`` from :class:`BrokerOptions`); each is a flag, a
+  config key and a ``DIRECTORD_*`` variable. aio-pika is imported when the
+  driver is built.
 """
 
 from __future__ import annotations
@@ -38,25 +42,75 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote, urlsplit
 
-from directord.config import Settings
+from directord.config import (
+    Settings,
+    TransportOptions,
+    option,
+    read_secret_file,
+    url_with_password,
+)
 from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
 from directord.security.tls import read_pem
 from directord.transports.base import ParkedHandler, is_loopback
-from directord.transports.broker import BrokerTransport, Headers
+from directord.transports.broker import BrokerOptions, BrokerTransport, Headers
 
-try:
+if TYPE_CHECKING:
     import aio_pika
     import aio_pika.abc
-except ImportError as exc:
-    raise MissingDependencyError("pip install directord[amqp]") from exc
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 # Unacknowledged deliveries per consumer: bounds what the broker pushes ahead of us.
 PREFETCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpOptions(BrokerOptions):
+    """The RabbitMQ driver's options (and the broker drivers' shared ones)."""
+
+    messaging_url: str = option(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        "RabbitMQ URL for --driver messaging",
+        "server",
+        "client",
+    )
+    messaging_password_file: str = option(
+        "",
+        "file holding the RabbitMQ password, private to its owner; replaces the URL's",
+        "server",
+        "client",
+    )
+    messaging_ssl: bool = option(False, "TLS to RabbitMQ", "server", "client")
+    messaging_ssl_ca: str = option("", "CA that signed RabbitMQ's certificate", "server", "client")
+    messaging_ssl_cert: str = option("", "client certificate for RabbitMQ", "server", "client")
+    messaging_ssl_key: str = option("", "key of --messaging-ssl-cert", "server", "client")
+    messaging_bind_identity: bool = option(
+        False, "each node logs in to RabbitMQ as its identity; trust nothing else", "server"
+    )
+
+    def with_secrets(self) -> AmqpOptions:
+        path = self.messaging_password_file
+        if not path:
+            return self
+        password = quote(read_secret_file("messaging_password_file", path), safe="")
+        url = url_with_password(
+            self.messaging_url, password, "messaging_url", "messaging_password_file", path
+        )
+        return replace(self, messaging_url=url)
+
+
+def _import_aio_pika() -> None:
+    """Import aio-pika into this module: only the selected driver's library is imported."""
+    global aio_pika
+    try:
+        import aio_pika
+        import aio_pika.abc
+    except ImportError as exc:
+        raise MissingDependencyError("pip install directord[amqp]") from exc
 
 
 def _masked(url: str) -> str:
@@ -70,21 +124,24 @@ class AmqpTransport(BrokerTransport):
     """RabbitMQ through aio-pika."""
 
     name: ClassVar[str] = "messaging"
+    options: ClassVar[type[TransportOptions]] = AmqpOptions
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, options: AmqpOptions | None = None) -> None:
+        _import_aio_pika()
+        self.opts = options if options is not None else settings.options(AmqpOptions)
+        super().__init__(settings, self.opts)
         self._conn: Any = None
         self._channel: Any = None
         self._park_channel: Any = None  # with publisher confirms: parked means stored
-        self._user = urlsplit(settings.messaging_url).username or "guest"
+        self._user = urlsplit(self.opts.messaging_url).username or "guest"
         self._declared: set[str] = set()
         self._closing = False
 
     def describe(self) -> str:
-        return f"{_masked(self.settings.messaging_url)} ({self.server_inbox})"
+        return f"{_masked(self.opts.messaging_url)} ({self.server_inbox})"
 
     def exposure(self) -> str | None:
-        s = self.settings
+        s = self.opts
         parts = urlsplit(s.messaging_url)
         if is_loopback(parts.hostname or "") or s.messaging_ssl or parts.scheme == "amqps":
             return None
@@ -95,7 +152,7 @@ class AmqpTransport(BrokerTransport):
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        s = self.settings
+        s = self.opts
         if not s.messaging_ssl:
             return None
         context = ssl.create_default_context(cafile=s.messaging_ssl_ca or None)
@@ -110,11 +167,11 @@ class AmqpTransport(BrokerTransport):
     async def open_broker(self) -> None:
         if self._conn is not None:
             return
-        url = self.settings.messaging_url
+        url = self.opts.messaging_url
         try:
             self._conn = await aio_pika.connect_robust(
                 url,
-                ssl=self.settings.messaging_ssl,
+                ssl=self.opts.messaging_ssl,
                 ssl_context=self._ssl_context(),
                 timeout=CONNECT_TIMEOUT,
                 client_properties={
@@ -132,7 +189,7 @@ class AmqpTransport(BrokerTransport):
 
     @property
     def binds_identity(self) -> bool:
-        return self.settings.messaging_bind_identity
+        return self.opts.messaging_bind_identity
 
     def _on_close(self, *args: Any) -> None:
         if self._closing:
@@ -141,7 +198,7 @@ class AmqpTransport(BrokerTransport):
         self.broker_lost()
 
     def _queue_arguments(self) -> dict[str, Any]:
-        return {"x-message-ttl": int(self.settings.messaging_queue_ttl * 1000)}
+        return {"x-message-ttl": int(self.opts.messaging_queue_ttl * 1000)}
 
     async def _queue(self, name: str) -> Any:
         try:
@@ -155,7 +212,7 @@ class AmqpTransport(BrokerTransport):
 
     async def listen_server(self) -> None:
         queue = await self._queue(self.server_inbox)
-        bind = self.settings.messaging_bind_identity
+        bind = self.opts.messaging_bind_identity
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():

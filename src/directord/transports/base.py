@@ -22,9 +22,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from directord.config import Settings
+from directord.config import Settings, TransportOptions
 from directord.errors import ConfigError, ConnectionLost, ProtocolError
-from directord.protocol import Envelope, decode_batch, join_packed, pack
+from directord.protocol import BatchDecoder, Message, encode, join_packed
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,26 @@ ParkedHandler = Callable[[str, bytes], Awaitable[None]]
 
 
 class Transport(ABC):
-    """A messaging driver. ``name`` is what ``--driver`` selects."""
+    """A messaging driver. ``name`` is what ``--driver`` selects.
+
+    ``options`` is the driver's :class:`TransportOptions` subclass: its fields
+    become config keys, ``DIRECTORD_*`` env vars and flags (see config.py). The
+    driver's module must import without the driver's library, which the
+    constructor imports (raising :class:`MissingDependencyError` if it is
+    absent), so that reading every driver's options imports no library.
+    """
 
     name: ClassVar[str]
+    options: ClassVar[type[TransportOptions]] = TransportOptions
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, options: TransportOptions | None = None) -> None:
+        """Build the driver.
+
+        Args:
+            settings: the common settings (identity, heartbeat ...).
+            options: this driver's resolved options, an instance of :attr:`options`;
+                a driver uses ``settings.options(...)`` when it is None.
+        """
         self.settings = settings
 
     def adopt(self, sock: socket.socket) -> None:
@@ -131,21 +146,23 @@ class Transport(ABC):
 
 
 class Link:
-    """Envelope-level duplex over a Connection, batching sends.
+    """Message-level duplex over a Connection, batching sends.
 
-    ``post`` never blocks: each envelope is encoded at once and queued, and one
+    ``post`` never blocks: each message is encoded at once and queued, and one
     sender task joins whatever has accumulated into one message of at most
     BATCH_BYTES. A send failure closes the link; the owner learns of it from
     ``closed`` or from ``recv`` raising ConnectionLost.
     """
 
-    def __init__(self, conn: Connection, name: str = "link") -> None:
+    def __init__(self, conn: Connection, decoder: BatchDecoder, name: str = "link") -> None:
         self.conn = conn
         self.name = name
+        self._decoder = decoder
         self._queue: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()
+        self._sending = False  # a batch is on its way out
         self._sender = asyncio.create_task(self._send_loop(), name=f"{name}-sender")
 
     @property
@@ -153,17 +170,17 @@ class Link:
         """True once the link is down."""
         return self._closed.is_set()
 
-    def post(self, envelope: Envelope, linger: float = 0.0) -> None:
-        """Queue an envelope for sending.
+    def post(self, message: Message, linger: float = 0.0) -> None:
+        """Queue a message for sending.
 
         With ``linger`` > 0 the envelope may wait that many seconds for company,
         so a busy sender makes one message of many (the caller knows more is
         coming); an idle one still sends at once.
         """
-        self.post_packed(pack(envelope), linger)
+        self.post_packed(encode(message), linger)
 
     def post_packed(self, packed: bytes, linger: float = 0.0) -> None:
-        """Queue an envelope already encoded with ``protocol.pack`` (shared by many links)."""
+        """Queue a message already encoded with ``protocol.encode`` (shared by many links)."""
         if self._closed.is_set():
             return
         self._queue.append(packed)
@@ -172,16 +189,21 @@ class Link:
         elif self._timer is None and not self._wake.is_set():
             self._timer = asyncio.get_running_loop().call_later(linger, self._wake.set)
 
-    def post_many(self, envelopes: list[Envelope]) -> None:
-        """Queue several envelopes."""
-        for envelope in envelopes:
-            self.post(envelope)
+    def post_many(self, messages: list[Message]) -> None:
+        """Queue several messages."""
+        for message in messages:
+            self.post(message)
 
     async def flush(self, timeout: float = 5.0) -> None:
-        """Wait until the queue is empty (best effort, bounded)."""
+        """Wait until everything posted is sent (best effort, bounded).
+
+        Sent, not only taken from the queue: closing the link while a send is half
+        way would cancel it, and a broker client cancelled mid-publish may lose
+        what follows (the close marker) as well.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while self._queue and not self._closed.is_set() and loop.time() < end:
+        while (self._queue or self._sending) and not self._closed.is_set() and loop.time() < end:
             await asyncio.sleep(0.005)
 
     async def _send_loop(self) -> None:
@@ -194,7 +216,11 @@ class Link:
                     self._timer = None
                 while self._queue:
                     batch, self._queue = _cut_batch(self._queue)
-                    await self.conn.send(join_packed(batch))
+                    self._sending = True
+                    try:
+                        await self.conn.send(join_packed(batch))
+                    finally:
+                        self._sending = False
         except (ConnectionLost, ProtocolError) as exc:
             log.debug("%s: send failed: %s", self.name, exc)
         except asyncio.CancelledError:
@@ -202,12 +228,12 @@ class Link:
         finally:
             self._closed.set()
 
-    async def recv(self) -> list[Envelope]:
-        """Receive one batch. Raises ConnectionLost or ProtocolError."""
+    async def recv(self) -> list[Any]:
+        """Receive one batch of typed messages. Raises ConnectionLost or ProtocolError."""
         if self._closed.is_set() and self._sender.done():
             raise ConnectionLost(f"{self.name}: link closed")
         data = await self.conn.recv()
-        return decode_batch(data)
+        return self._decoder.decode(data)
 
     async def close(self) -> None:
         """Stop the sender and close the connection."""
@@ -246,8 +272,3 @@ IMPERSONATION = (
     "anyone who can reach it can register as any node (an offline node's name "
     "included), receive that node's jobs and files, and report results for it"
 )
-
-
-def describe_options(settings: Settings, prefix: str) -> dict[str, Any]:
-    """The settings whose names start with ``prefix`` (for a driver's log line)."""
-    return {k: getattr(settings, k) for k in settings.__dataclass_fields__ if k.startswith(prefix)}

@@ -54,9 +54,10 @@ import uuid
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from directord.config import Settings
+from directord.config import Settings, TransportOptions, option
 from directord.errors import ConnectError, ConnectionLost
 from directord.protocol import MAX_FRAME
 from directord.security.identities import IDENTITY_RE
@@ -193,11 +194,31 @@ class _ClientConn(Connection):
             await self._t.say_closed(self._t.publish_server({"s": self.sid, "k": "close"}, b""))
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerOptions(TransportOptions):
+    """The options every broker driver has; each driver's options class extends it."""
+
+    broker_namespace: str = option(
+        "directord",
+        "prefix of queue/subject names on a broker (one per cluster)",
+        "server",
+        "client",
+    )
+    messaging_queue_ttl: float = option(
+        3600.0,
+        "seconds a node's queue (RabbitMQ) or parked jobs (NATS JetStream) wait for it",
+        "server",
+        "client",
+    )
+
+
 class BrokerTransport(Transport):
     """Base of broker drivers: subclasses move bytes with headers, this keeps sessions."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, options: BrokerOptions) -> None:
+        super().__init__(settings, options)
+        #: prefix of this cluster's queue / subject names (``--broker-namespace``)
+        self.namespace = options.broker_namespace
         self.sessions: dict[str, _ServerConn] = {}
         self.by_node: dict[str, _ServerConn] = {}
         self.client_conn: _ClientConn | None = None
@@ -205,7 +226,7 @@ class BrokerTransport(Transport):
         self._tasks: set[asyncio.Task[None]] = set()
         self._listening_node = False
         self._warned: dict[tuple[str, str], float] = {}
-        self.server_inbox = f"{settings.broker_namespace}.server"
+        self.server_inbox = f"{self.namespace}.server"
 
     @property
     def binds_identity(self) -> bool:
@@ -214,11 +235,11 @@ class BrokerTransport(Transport):
 
     def node_inbox(self, identity: str) -> str:
         """The inbox (queue / subject) of one node."""
-        return f"{self.settings.broker_namespace}.node.{identity}"
+        return f"{self.namespace}.node.{identity}"
 
     def parked_inbox(self, identity: str) -> str:
         """Where jobs wait for one node while it is away (see :meth:`Transport.park`)."""
-        return f"{self.settings.broker_namespace}.parked.{identity}"
+        return f"{self.namespace}.parked.{identity}"
 
     async def say_closed(self, publish: Coroutine[Any, Any, None]) -> None:
         """Best effort: a close marker must not hold anything up when the broker is away."""

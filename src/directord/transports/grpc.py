@@ -22,6 +22,8 @@ Spec sheet
   operator's certificate (``pki issue --operator``: those are for the user API)
   and one for servers only. A node whose certificate is revoked while it is
   connected is cut off within about a second (the CRL is checked every second).
+* Options: :class:`GrpcOptions`; each is a flag, a config key and a
+  ``DIRECTORD_*`` variable. grpcio is imported when the driver is built.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import shutil
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from directord.config import Settings
+from directord.config import Settings, TransportOptions, option
 from directord.errors import (
     CertificateError,
     ConnectError,
@@ -60,11 +63,9 @@ from directord.transports.base import (
 )
 from directord.transports.relay import start_relay
 
-try:
+if TYPE_CHECKING:
     import grpc
     import grpc.aio
-except ImportError as exc:  # pragma: no cover - grpcio is a core dependency
-    raise MissingDependencyError("pip install grpcio") from exc
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,71 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def _compression(settings: Settings) -> Any:
+@dataclass(frozen=True, slots=True)
+class GrpcOptions(TransportOptions):
+    """The gRPC driver's options."""
+
+    grpc_port: int = option(5558, "gRPC server port (0 picks a free port)", "server", "client")
+    grpc_bind_address: str = option(
+        "0.0.0.0", "address the gRPC server binds, or unix:/PATH", "server"
+    )
+    grpc_server_address: str = option(
+        "127.0.0.1", "server address clients dial, or unix:/PATH", "client"
+    )
+    grpc_server_workers: int = option(4, "gRPC server worker threads", "server")
+    grpc_compression: bool = option(
+        False,
+        "gzip gRPC messages (helps slow links; costs CPU and slows file transfer)",
+        "server",
+        "client",
+    )
+    grpc_disable_compression: bool = option(
+        False,
+        "accepted for compatibility: compression is off unless --grpc-compression",
+        "server",
+        "client",
+    )
+    grpc_ssl: bool = option(False, "enable TLS on the gRPC driver", "server", "client")
+    grpc_ssl_ca: str = option(
+        "/etc/pki/ca-trust/source/anchors/cm-local-ca.pem",
+        "CA certificate that signs server and client certificates",
+        "server",
+        "client",
+    )
+    grpc_ssl_cert: str = option(
+        "/etc/directord/grpc/ssl/directord.crt",
+        "this side's certificate (server; client with client auth)",
+        "server",
+        "client",
+    )
+    grpc_ssl_key: str = option(
+        "/etc/directord/grpc/ssl/directord.key", "this side's private key", "server", "client"
+    )
+    grpc_ssl_client_auth: bool = option(
+        False,
+        "require client certificates (mTLS); a client's identity is its certificate's name",
+        "server",
+        "client",
+    )
+    grpc_ssl_crl: str = option(
+        "", "CRL checked at every connection (default: crl.pem beside the CA, if present)", "server"
+    )
+
+
+def _import_grpc() -> None:
+    """Import grpcio into this module: only the selected driver's library is imported."""
+    global grpc
+    try:
+        import grpc
+        import grpc.aio
+    except ImportError as exc:  # pragma: no cover - grpcio is a core dependency
+        raise MissingDependencyError("pip install grpcio") from exc
+
+
+def _compression(opts: GrpcOptions) -> Any:
     # Off by default: most messages are small, file chunks do not compress, and
     # gzip made a 128 MiB COPY ten times slower on two cores.
-    if settings.grpc_compression and not settings.grpc_disable_compression:
+    if opts.grpc_compression and not opts.grpc_disable_compression:
         return grpc.Compression.Gzip
     return grpc.Compression.NoCompression
 
@@ -231,9 +293,12 @@ class GrpcTransport(Transport):
     """The gRPC messaging driver."""
 
     name: ClassVar[str] = "grpc"
+    options: ClassVar[type[TransportOptions]] = GrpcOptions
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, options: GrpcOptions | None = None) -> None:
+        _import_grpc()
+        super().__init__(settings, options)
+        self.opts = options if options is not None else settings.options(GrpcOptions)
         self._server: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._handler: ConnectionHandler | None = None
@@ -252,7 +317,7 @@ class GrpcTransport(Transport):
         self._adopted = sock
 
     def exposure(self) -> str | None:
-        s = self.settings
+        s = self.opts
         where = _join(s.grpc_bind_address, s.grpc_port)
         if self._adopted is not None:
             # systemd bound it: what counts is where, not what the flags say.
@@ -268,17 +333,17 @@ class GrpcTransport(Transport):
 
     async def serve(self, handler: ConnectionHandler) -> str:
         self._handler = handler
-        self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.grpc_server_workers))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.opts.grpc_server_workers))
         server = grpc.aio.server(
             migration_thread_pool=self._pool,
             options=_SERVER_OPTIONS,
-            compression=_compression(self.settings),
+            compression=_compression(self.opts),
         )
         rpc = grpc.stream_stream_rpc_method_handler(self._connect)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Connect": rpc}),)
         )
-        address = _join(self.settings.grpc_bind_address, self.settings.grpc_port)
+        address = _join(self.opts.grpc_bind_address, self.opts.grpc_port)
         if self._adopted is not None:
             self._private_dir = tempfile.mkdtemp(prefix="directord-grpc-")
             address = f"unix:{self._private_dir}/grpc.sock"
@@ -294,7 +359,7 @@ class GrpcTransport(Transport):
         if not address.startswith("unix:"):
             if port == 0:
                 raise ConnectError(f"cannot listen on {address}: address in use or invalid")
-            address = _join(self.settings.grpc_bind_address, port)
+            address = _join(self.opts.grpc_bind_address, port)
         await server.start()
         self._server = server
         if self._revocations is not None:
@@ -333,7 +398,7 @@ class GrpcTransport(Transport):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, cut.result())
 
     def _server_credentials(self) -> Any:
-        s = self.settings
+        s = self.opts
         if not s.grpc_ssl:
             return None
         key = read_pem(s.grpc_ssl_key, "gRPC server key")
@@ -394,7 +459,7 @@ class GrpcTransport(Transport):
             log.exception("grpc: connection handler for %s failed", conn.peer)
 
     async def connect(self) -> Connection:
-        s = self.settings
+        s = self.opts
         target = _join(s.grpc_server_address, s.grpc_port)
         if s.grpc_ssl:
             key = cert = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
-from directord.config import Settings
+from directord.config import Settings, TransportOptions
 from directord.errors import ConnectError, ConnectionLost
 from directord.transports.base import Connection, ConnectionHandler, Transport
 
@@ -54,9 +54,12 @@ class MemoryTransport(Transport):
     """Server and clients in one process, joined by asyncio queues."""
 
     name: ClassVar[str] = "memory"
+    options: ClassVar[type[TransportOptions]] = TransportOptions
 
-    def __init__(self, settings: Settings, hub: str = "default") -> None:
-        super().__init__(settings)
+    def __init__(
+        self, settings: Settings, options: TransportOptions | None = None, hub: str = "default"
+    ) -> None:
+        super().__init__(settings, options)
         self.hub = hub
         self._handler: ConnectionHandler | None = None
         # The serving transport owns its connections' handler tasks, as a real server does.

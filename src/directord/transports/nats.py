@@ -36,6 +36,10 @@ Spec sheet
   beyond, it drops messages and every session of this process starts over
   (logged), as after a reconnect. Each session's queue is bounded in broker.py.
 * Reconnects: nats-py reconnects by itself (forever); sessions then start over.
+* Options: :class:`NatsOptions` (with ``--broker-namespace`` and
+  ``--messaging-queue-ttl`` from :class:`BrokerOptions`); each is a flag, a
+  config key and a ``DIRECTORD_*`` variable. nats-py is imported when the
+  driver is built.
 """
 
 from __future__ import annotations
@@ -45,25 +49,29 @@ import contextlib
 import logging
 import re
 import ssl
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
-from directord.config import Settings
-from directord.errors import ConnectError, ConnectionLost, MissingDependencyError
+from directord.config import (
+    Settings,
+    TransportOptions,
+    option,
+    read_secret_file,
+    url_with_password,
+)
+from directord.errors import ConfigError, ConnectError, ConnectionLost, MissingDependencyError
 from directord.protocol import MAX_FRAME
 from directord.security.tls import read_pem
 from directord.transports.base import ConnectionHandler, ParkedHandler, is_loopback
-from directord.transports.broker import BrokerTransport, Headers
+from directord.transports.broker import BrokerOptions, BrokerTransport, Headers
 
-try:
+if TYPE_CHECKING:
     import nats
     import nats.aio.client
     import nats.errors
     import nats.js.api
     import nats.js.errors
-except ImportError as exc:
-    raise MissingDependencyError("pip install directord[nats]") from exc
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
@@ -82,6 +90,65 @@ PART_IDLE_TIMEOUT = 10.0
 PENDING_BYTES = 4 * MAX_FRAME
 PART_HEADER = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,8})", re.ASCII)
 PartsKey = tuple[str, str]  # (node header, session header) of a message in parts
+# A NATS URL carries its password as written (nats-py does not percent-decode it),
+# so these would end or split the URL.
+_URL_UNSAFE = frozenset("/?#,[]")
+
+
+@dataclass(frozen=True, slots=True)
+class NatsOptions(BrokerOptions):
+    """The NATS driver's options (and the broker drivers' shared ones)."""
+
+    nats_url: str = option(
+        "nats://127.0.0.1:4222", "NATS server URL(s), comma separated", "server", "client"
+    )
+    nats_password_file: str = option(
+        "",
+        "file holding the NATS password, private to its owner; replaces each URL's",
+        "server",
+        "client",
+    )
+    nats_nkey_seed: str = option("", "NKEY seed file for NATS", "server", "client")
+    nats_creds: str = option("", "NATS .creds file", "server", "client")
+    nats_tls: bool = option(False, "TLS to NATS", "server", "client")
+    nats_tls_ca: str = option(
+        "", "CA that signed the NATS server's certificate", "server", "client"
+    )
+    nats_tls_cert: str = option("", "client certificate for NATS (mTLS)", "server", "client")
+    nats_tls_key: str = option("", "key of --nats-tls-cert", "server", "client")
+
+    def with_secrets(self) -> NatsOptions:
+        path = self.nats_password_file
+        if not path:
+            return self
+        password = read_secret_file("nats_password_file", path)
+        if _URL_UNSAFE & set(password) or not password.isprintable():
+            raise ConfigError(
+                "nats_password_file: a NATS URL cannot carry this password (it holds one of "
+                "/ ? # , [ ] or a control character); choose another or use nats_creds",
+                key="nats_password_file",
+                source=path,
+            )
+        urls = [u.strip() for u in self.nats_url.split(",")]
+        url = ",".join(
+            url_with_password(u, password, "nats_url", "nats_password_file", path)
+            for u in urls
+            if u
+        )
+        return replace(self, nats_url=url)
+
+
+def _import_nats() -> None:
+    """Import nats-py into this module: only the selected driver's library is imported."""
+    global nats
+    try:
+        import nats
+        import nats.aio.client
+        import nats.errors
+        import nats.js.api
+        import nats.js.errors
+    except ImportError as exc:
+        raise MissingDependencyError("pip install directord[nats]") from exc
 
 
 def consumer_name(identity: str) -> str:
@@ -111,9 +178,12 @@ class NatsTransport(BrokerTransport):
     """NATS through nats-py."""
 
     name: ClassVar[str] = "nats"
+    options: ClassVar[type[TransportOptions]] = NatsOptions
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, options: NatsOptions | None = None) -> None:
+        _import_nats()
+        self.opts = options if options is not None else settings.options(NatsOptions)
+        super().__init__(settings, self.opts)
         self._nc: Any = None
         self._closing = False
         self._last_error: Exception | None = None
@@ -123,15 +193,15 @@ class NatsTransport(BrokerTransport):
         # Keeps the parts of one message together (and in order) on the wire.
         self._publish_lock = asyncio.Lock()
         self._js: Any = None  # set on the server once the parked stream exists
-        self.parked_stream = re.sub(r"[^A-Za-z0-9_-]", "_", settings.broker_namespace) + "_parked"
+        self.parked_stream = re.sub(r"[^A-Za-z0-9_-]", "_", self.namespace) + "_parked"
         self.consumer = consumer_name(settings.resolved_identity())
-        self.inbox_prefix = f"_INBOX.{settings.broker_namespace}.{self.consumer}"
+        self.inbox_prefix = f"_INBOX.{self.namespace}.{self.consumer}"
 
     def describe(self) -> str:
-        return f"{_masked(self.settings.nats_url)} ({self.server_inbox})"
+        return f"{_masked(self.opts.nats_url)} ({self.server_inbox})"
 
     def exposure(self) -> str | None:
-        s = self.settings
+        s = self.opts
         urls = [urlsplit(u.strip()) for u in s.nats_url.split(",") if u.strip()]
         remote = [u for u in urls if not is_loopback(u.hostname or "")]
         if not remote:
@@ -149,11 +219,11 @@ class NatsTransport(BrokerTransport):
         )
 
     async def serve(self, handler: ConnectionHandler) -> str:
-        self.inbox_prefix = f"_INBOX.{self.settings.broker_namespace}.server"
+        self.inbox_prefix = f"_INBOX.{self.namespace}.server"
         return await super().serve(handler)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        s = self.settings
+        s = self.opts
         if not s.nats_tls and not s.nats_url.startswith("tls://"):
             return None
         if s.nats_tls_ca:
@@ -168,9 +238,9 @@ class NatsTransport(BrokerTransport):
     async def open_broker(self) -> None:
         if self._nc is not None:
             return
-        s = self.settings
+        s = self.opts
         options: dict[str, Any] = {
-            "name": f"directord {s.resolved_identity()}",
+            "name": f"directord {self.settings.resolved_identity()}",
             # Replies (JetStream API, pulled messages) come to an inbox of this node's
             # own, so a node's NATS user can be kept out of every other inbox.
             "inbox_prefix": self.inbox_prefix,
@@ -343,11 +413,11 @@ class NatsTransport(BrokerTransport):
         js = self._nc.jetstream(timeout=JS_TIMEOUT)
         config = nats.js.api.StreamConfig(
             name=self.parked_stream,
-            subjects=[f"{self.settings.broker_namespace}.parked.>"],
+            subjects=[f"{self.namespace}.parked.>"],
             storage=nats.js.api.StorageType.FILE,
             # A message is gone once its node acknowledges it.
             retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
-            max_age=self.settings.messaging_queue_ttl,
+            max_age=self.opts.messaging_queue_ttl,
         )
         try:
             try:

@@ -34,6 +34,8 @@ Spec sheet
   With a shared key, or with no authentication, nothing proves which node a
   client is: it can take the name of any node that is offline (the server says
   so in its log at start). An online node's name cannot be taken.
+* Options: :class:`ZmqOptions`; each is a flag, a config key and a
+  ``DIRECTORD_*`` variable. pyzmq is imported when the driver is built.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from directord.config import Settings
+from directord.config import Settings, TransportOptions, option, read_secret_file
 from directord.errors import ConfigError, ConnectError, ConnectionLost, MissingDependencyError
 from directord.protocol import MAX_FRAME
 from directord.security import curve
@@ -59,13 +62,12 @@ from directord.transports.base import (
     is_loopback,
 )
 
-try:
+if TYPE_CHECKING:
     import zmq
     import zmq.asyncio
-    from zmq.auth.asyncio import AsyncioAuthenticator
     from zmq.utils.monitor import parse_monitor_message
-except ImportError as exc:
-    raise MissingDependencyError("pip install directord[zmq]") from exc
+
+    from directord.transports._zmq_auth import Authenticator
 
 log = logging.getLogger(__name__)
 PLAIN_USER = "directord"
@@ -110,29 +112,69 @@ def _peer_of(fd: int) -> str:
     return f"{host}:{port}"
 
 
-def mechanism(settings: Settings) -> str:
-    """``plain``, ``curve`` or ``none``: what this configuration uses."""
-    if settings.zmq_shared_key:
+@dataclass(frozen=True, slots=True)
+class ZmqOptions(TransportOptions):
+    """The ZeroMQ driver's options."""
+
+    zmq_server_address: str = option("127.0.0.1", "server address ZeroMQ clients dial", "client")
+    zmq_bind_address: str = option("0.0.0.0", "address the ZeroMQ server binds", "server")
+    job_port: int = option(5555, "ZeroMQ port (0 picks a free port)", "server", "client")
+    backend_port: int = option(
+        5556, "accepted for compatibility; the ZeroMQ driver uses one channel", "server", "client"
+    )
+    zmq_shared_key: str = option(
+        "", "ZeroMQ shared key: authenticates, does NOT encrypt", "server", "client"
+    )
+    zmq_shared_key_file: str = option(
+        "",
+        "file holding the ZeroMQ shared key, private to its owner (instead of --zmq-shared-key)",
+        "server",
+        "client",
+    )
+    zmq_curve_encryption: bool = option(
+        False, "ZeroMQ Curve25519 encryption (on by itself when keys exist)", "server", "client"
+    )
+    zmq_key_dir: str = option(
+        "/etc/directord", "holds public_keys/ and private_keys/", "server", "client"
+    )
+    zmq_rotation_grace: float = option(
+        600.0,
+        "seconds a rotated server key waits for clients still on the old key to leave",
+        "server",
+    )
+
+    def check(self) -> None:
+        if self.zmq_shared_key_file and self.zmq_shared_key:
+            raise ConfigError(
+                "zmq_shared_key and zmq_shared_key_file are both set; give one",
+                key="zmq_shared_key_file",
+            )
+
+    def with_secrets(self) -> ZmqOptions:
+        if not self.zmq_shared_key_file:
+            return self
+        key = read_secret_file("zmq_shared_key_file", self.zmq_shared_key_file)
+        return replace(self, zmq_shared_key=key)
+
+
+def _import_zmq() -> None:
+    """Import pyzmq into this module: only the selected driver's library is imported."""
+    global zmq, parse_monitor_message
+    try:
+        import zmq
+        import zmq.asyncio
+        from zmq.utils.monitor import parse_monitor_message
+    except ImportError as exc:
+        raise MissingDependencyError("pip install directord[zmq]") from exc
+
+
+def mechanism(opts: ZmqOptions) -> str:
+    """``plain``, ``curve`` or ``none``: what these options use."""
+    if opts.zmq_shared_key:
         return "plain"
-    if settings.zmq_curve_encryption or curve.keys_present(settings.zmq_key_dir):
+    if opts.zmq_curve_encryption or curve.keys_present(opts.zmq_key_dir):
         return "curve"
     return "none"
-
-
-class _Authenticator(AsyncioAuthenticator):
-    """ZAP handler whose CURVE user id is the key's name, not the key itself."""
-
-    names: dict[bytes, str] = {}
-
-    def _authenticate_plain(self, domain: str, username: str, password: str) -> Any:
-        allowed, reason = super()._authenticate_plain(domain, username, password)
-        if not allowed:
-            log.warning("zmq: refused a client with a wrong or missing shared key")
-        return allowed, reason
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        z85 = zmq.utils.z85.encode(client_public_key)
-        return self.names.get(z85, "?")
 
 
 class _Rotation:
@@ -247,13 +289,16 @@ class ZmqTransport(Transport):
     """The ZeroMQ messaging driver."""
 
     name: ClassVar[str] = "zmq"
+    options: ClassVar[type[TransportOptions]] = ZmqOptions
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, options: ZmqOptions | None = None) -> None:
+        _import_zmq()
+        super().__init__(settings, options)
+        self.opts = options if options is not None else settings.options(ZmqOptions)
         self.ctx = zmq.asyncio.Context()
         self.router: Any = None
         self.conns: dict[bytes, _ServerConn] = {}
-        self._auth: _Authenticator | None = None
+        self._auth: Authenticator | None = None
         self._reader: asyncio.Task[None] | None = None
         self._handler: ConnectionHandler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -270,7 +315,7 @@ class ZmqTransport(Transport):
         self._rotation: _Rotation | None = None
 
     def exposure(self) -> str | None:
-        s = self.settings
+        s = self.opts
         if is_loopback(s.zmq_bind_address) or mechanism(s) != "none":
             return None
         return (
@@ -280,7 +325,7 @@ class ZmqTransport(Transport):
 
     # ---- server ----------------------------------------------------------------------
     def _secure_server(self, sock: Any) -> str:
-        s = self.settings
+        s = self.opts
         how = mechanism(s)
         if how == "none":
             log.warning(
@@ -289,7 +334,9 @@ class ZmqTransport(Transport):
                 "(set --zmq-shared-key or generate curve keys)"
             )
             return how
-        self._auth = _Authenticator(self.ctx)
+        from directord.transports._zmq_auth import Authenticator
+
+        self._auth = Authenticator(self.ctx)
         self._auth.start()
         if how == "plain":
             self._auth.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: s.zmq_shared_key})
@@ -319,7 +366,7 @@ class ZmqTransport(Transport):
         if z85 not in self._auth.names:
             with contextlib.suppress(ConfigError):
                 old = self._rotation.old_names if self._rotation is not None else {}
-                self._auth.names = {**old, **curve.known_clients(self.settings.zmq_key_dir)}
+                self._auth.names = {**old, **curve.known_clients(self.opts.zmq_key_dir)}
         known = z85 in self._auth.names
         if not known:
             log.warning("zmq: refused a client with an unknown curve key %s...", z85[:8].decode())
@@ -351,9 +398,9 @@ class ZmqTransport(Transport):
         sock.linger = 0
         how = self._secure_server(sock)
         self.binds_identity = how == "curve"
-        address = _url(self.settings.zmq_bind_address, self.settings.job_port)
+        address = _url(self.opts.zmq_bind_address, self.opts.job_port)
         try:
-            if self.settings.job_port == 0:
+            if self.opts.job_port == 0:
                 port = sock.bind_to_random_port(address.rsplit(":", 1)[0])
                 address = f"{address.rsplit(':', 1)[0]}:{port}"
             else:
@@ -467,7 +514,7 @@ class ZmqTransport(Transport):
         )
 
     def _key_stamp(self) -> tuple[tuple[str, int], ...]:
-        root = Path(self.settings.zmq_key_dir)
+        root = Path(self.opts.zmq_key_dir)
         paths = [
             *sorted((root / "public_keys").glob("*.key")),
             root / "private_keys" / f"{curve.SERVER}.key_secret",
@@ -515,8 +562,8 @@ class ZmqTransport(Transport):
             return
 
     def _reload_keys(self) -> None:
-        public, secret = curve.load_keypair(self.settings.zmq_key_dir, curve.SERVER)
-        names = curve.known_clients(self.settings.zmq_key_dir)
+        public, secret = curve.load_keypair(self.opts.zmq_key_dir, curve.SERVER)
+        names = curve.known_clients(self.opts.zmq_key_dir)
         assert self._auth is not None
         if public == self._server_public:
             self._rotation = None
@@ -532,7 +579,7 @@ class ZmqTransport(Transport):
             self._rotation = _Rotation(
                 set(self._open_fds),
                 dict(self._auth.names),
-                asyncio.get_running_loop().time() + self.settings.zmq_rotation_grace,
+                asyncio.get_running_loop().time() + self.opts.zmq_rotation_grace,
             )
         self._rotation.keypair = (public, secret)
         self._auth.names = {**self._rotation.old_names, **names}
@@ -540,7 +587,7 @@ class ZmqTransport(Transport):
             "zmq: new server key; the old one serves the %d connected clients until they "
             "reconnect (at most %gs); %d client keys known",
             len(self._rotation.waiting),
-            self.settings.zmq_rotation_grace,
+            self.opts.zmq_rotation_grace,
             len(names),
         )
 
@@ -564,7 +611,7 @@ class ZmqTransport(Transport):
         self._server_public = public
         left = len(self._rotation.waiting)
         self._rotation = None
-        self._auth.names = curve.known_clients(self.settings.zmq_key_dir)
+        self._auth.names = curve.known_clients(self.opts.zmq_key_dir)
         log.info(
             "zmq: now listening with the new server key (%d old-key clients cut off); "
             "old client keys are refused from now on",
@@ -582,9 +629,10 @@ class ZmqTransport(Transport):
 
     # ---- client ----------------------------------------------------------------------
     async def connect(self) -> Connection:
-        s = self.settings
+        s = self.opts
+        identity = self.settings.resolved_identity()
         sock = self.ctx.socket(zmq.DEALER)
-        sock.routing_id = s.resolved_identity().encode()
+        sock.routing_id = identity.encode()
         sock.linger = 0
         sock.maxmsgsize = MAX_FRAME + 1024  # libzmq drops a peer that sends more
         sock.heartbeat_ivl = HEARTBEAT_MS
@@ -595,7 +643,6 @@ class ZmqTransport(Transport):
             sock.plain_username = PLAIN_USER.encode()
             sock.plain_password = s.zmq_shared_key.encode()
         elif how == "curve":
-            identity = s.resolved_identity()
             try:
                 own = curve.load_keypair(s.zmq_key_dir, identity)
             except ConfigError:

@@ -1,0 +1,319 @@
+"""The command line keeps every flag it had before drivers declared their own options.
+
+EXPECTED is what ``main``'s parser offered (collected once from ``git show
+main:src/directord/cli/main.py``, when every option was a field of Settings):
+each command's option strings. Every driver's flags stay on every command that
+had them, whatever the driver, so scripts passing them keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+import pytest
+
+from directord import config
+from directord.cli.main import build_parser
+
+EXPECTED: dict[str, set[str]] = {
+    "directord": {
+        "--allowed-node-names",
+        "--api-bind",
+        "--api-idle-timeout",
+        "--api-max-connections",
+        "--api-port",
+        "--api-url",
+        "--backend-port",
+        "--broker-namespace",
+        "--ca",
+        "--cache-path",
+        "--cert",
+        "--config-file",
+        "--datastore",
+        "--debug",
+        "--driver",
+        "--file-store",
+        "--grpc-bind-address",
+        "--grpc-compression",
+        "--grpc-disable-compression",
+        "--grpc-port",
+        "--grpc-server-address",
+        "--grpc-server-workers",
+        "--grpc-ssl",
+        "--grpc-ssl-ca",
+        "--grpc-ssl-cert",
+        "--grpc-ssl-client-auth",
+        "--grpc-ssl-crl",
+        "--grpc-ssl-key",
+        "--heartbeat-interval",
+        "--help",
+        "--identity",
+        "--insecure",
+        "--job-port",
+        "--job-timeout-grace",
+        "--key",
+        "--machine-id",
+        "--messaging-bind-identity",
+        "--messaging-password-file",
+        "--messaging-queue-ttl",
+        "--messaging-ssl",
+        "--messaging-ssl-ca",
+        "--messaging-ssl-cert",
+        "--messaging-ssl-key",
+        "--messaging-url",
+        "--nats-creds",
+        "--nats-nkey-seed",
+        "--nats-password-file",
+        "--nats-tls",
+        "--nats-tls-ca",
+        "--nats-tls-cert",
+        "--nats-tls-key",
+        "--nats-url",
+        "--pki-dir",
+        "--query-max-bytes",
+        "--ready-file",
+        "--socket-group",
+        "--socket-path",
+        "--version",
+        "--zmq-bind-address",
+        "--zmq-curve-encryption",
+        "--zmq-key-dir",
+        "--zmq-rotation-grace",
+        "--zmq-server-address",
+        "--zmq-shared-key",
+        "--zmq-shared-key-file",
+        "-h",
+    },
+    "server": {
+        "--allowed-node-names",
+        "--api-bind",
+        "--api-idle-timeout",
+        "--api-max-connections",
+        "--api-port",
+        "--backend-port",
+        "--broker-namespace",
+        "--ca",
+        "--cert",
+        "--client",
+        "--config-file",
+        "--datastore",
+        "--debug",
+        "--driver",
+        "--file-store",
+        "--grpc-bind-address",
+        "--grpc-compression",
+        "--grpc-disable-compression",
+        "--grpc-port",
+        "--grpc-server-workers",
+        "--grpc-ssl",
+        "--grpc-ssl-ca",
+        "--grpc-ssl-cert",
+        "--grpc-ssl-client-auth",
+        "--grpc-ssl-crl",
+        "--grpc-ssl-key",
+        "--heartbeat-interval",
+        "--help",
+        "--insecure",
+        "--job-port",
+        "--job-timeout-grace",
+        "--key",
+        "--messaging-bind-identity",
+        "--messaging-password-file",
+        "--messaging-queue-ttl",
+        "--messaging-ssl",
+        "--messaging-ssl-ca",
+        "--messaging-ssl-cert",
+        "--messaging-ssl-key",
+        "--messaging-url",
+        "--nats-creds",
+        "--nats-nkey-seed",
+        "--nats-password-file",
+        "--nats-tls",
+        "--nats-tls-ca",
+        "--nats-tls-cert",
+        "--nats-tls-key",
+        "--nats-url",
+        "--query-max-bytes",
+        "--ready-file",
+        "--socket-group",
+        "--socket-path",
+        "--zmq-bind-address",
+        "--zmq-curve-encryption",
+        "--zmq-generate-keys",
+        "--zmq-key-dir",
+        "--zmq-rotation-grace",
+        "--zmq-shared-key",
+        "--zmq-shared-key-file",
+        "-h",
+    },
+    "client": {
+        "--backend-port",
+        "--broker-namespace",
+        "--cache-path",
+        "--config-file",
+        "--debug",
+        "--driver",
+        "--grpc-compression",
+        "--grpc-disable-compression",
+        "--grpc-port",
+        "--grpc-server-address",
+        "--grpc-ssl",
+        "--grpc-ssl-ca",
+        "--grpc-ssl-cert",
+        "--grpc-ssl-client-auth",
+        "--grpc-ssl-key",
+        "--heartbeat-interval",
+        "--help",
+        "--identity",
+        "--job-port",
+        "--machine-id",
+        "--messaging-password-file",
+        "--messaging-queue-ttl",
+        "--messaging-ssl",
+        "--messaging-ssl-ca",
+        "--messaging-ssl-cert",
+        "--messaging-ssl-key",
+        "--messaging-url",
+        "--nats-creds",
+        "--nats-nkey-seed",
+        "--nats-password-file",
+        "--nats-tls",
+        "--nats-tls-ca",
+        "--nats-tls-cert",
+        "--nats-tls-key",
+        "--nats-url",
+        "--ready-file",
+        "--socket-path",
+        "--zmq-curve-encryption",
+        "--zmq-key-dir",
+        "--zmq-server-address",
+        "--zmq-shared-key",
+        "--zmq-shared-key-file",
+        "-h",
+    },
+    "exec": {
+        "--api-url",
+        "--ca",
+        "--cache-path",
+        "--cert",
+        "--config-file",
+        "--debug",
+        "--force-async",
+        "--format",
+        "--help",
+        "--key",
+        "--poll",
+        "--socket-path",
+        "--stream",
+        "--target",
+        "--verb",
+        "--wait",
+        "-h",
+    },
+    "orchestrate": {
+        "--api-url",
+        "--ca",
+        "--cache-path",
+        "--cert",
+        "--config-file",
+        "--debug",
+        "--finger-print",
+        "--force-async",
+        "--format",
+        "--help",
+        "--ignore-cache",
+        "--key",
+        "--poll",
+        "--restrict",
+        "--socket-path",
+        "--stream",
+        "--target",
+        "--wait",
+        "-h",
+    },
+    "manage": {
+        "--analyze-all",
+        "--analyze-job",
+        "--analyze-parent",
+        "--api-url",
+        "--ca",
+        "--cache-path",
+        "--cert",
+        "--config-file",
+        "--debug",
+        "--dump-cache",
+        "--export-jobs",
+        "--export-nodes",
+        "--filter",
+        "--format",
+        "--help",
+        "--job-info",
+        "--key",
+        "--list-jobs",
+        "--list-nodes",
+        "--purge-jobs",
+        "--purge-nodes",
+        "--socket-path",
+        "-h",
+    },
+    "pki": {
+        "--config-file",
+        "--debug",
+        "--help",
+        "--pki-dir",
+        "--socket-path",
+        "-h",
+    },
+    "demo": {
+        "--config-file",
+        "--debug",
+        "--help",
+        "--keep",
+        "--nodes",
+        "--socket-path",
+        "-h",
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def installed_drivers_only() -> Iterator[None]:
+    config.drivers.cache_clear()
+    yield
+    config.drivers.cache_clear()
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    out = {"directord": parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.update(action.choices)
+    return out
+
+
+def test_every_command_has_the_flags_it_had() -> None:
+    parsers = _parsers()
+    assert set(parsers) == set(EXPECTED)
+    for command, parser in parsers.items():
+        assert _option_strings(parser) == EXPECTED[command], command
+
+
+@pytest.mark.parametrize("command", ["directord", "server", "client"])
+def test_help_lists_every_flag(command: str) -> None:
+    text = _parsers()[command].format_help()
+    listed = {word.strip("[],") for word in text.split() if word.startswith(("--", "[--", "-h"))}
+    assert EXPECTED[command] <= listed
+
+
+def test_driver_flags_are_accepted_whatever_the_driver() -> None:
+    parser = build_parser()
+    argv = ["--nats-url", "nats://n:1", "client", "--driver", "zmq", "--grpc-port", "1"]
+    argv += ["--messaging-ssl", "--job-port", "2", "--broker-namespace", "x"]
+    ns = parser.parse_args(argv)
+    assert (ns.nats_url, ns.grpc_port, ns.messaging_ssl, ns.job_port) == ("nats://n:1", 1, True, 2)
