@@ -50,12 +50,13 @@ class InProcessCluster:
         for identity in self.identities:
             await self.start_agent(identity)
 
-    async def start_agent(self, identity: str) -> Agent:
+    async def start_agent(self, identity: str, **options: Any) -> Agent:
         """Start (or restart, with its journal) one agent; returns once it registered."""
         settings = Settings(
             identity=identity,
             cache_path=str(self.root / "cache" / identity),
             heartbeat_interval=self.heartbeat,
+            **options,
         )
         agent = Agent(settings, transport=MemoryTransport(settings, hub=self.hub))
         self.agents[identity] = agent

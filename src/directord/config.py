@@ -146,6 +146,20 @@ class Settings:
         "sqlite or file datastore, else /var/lib/directord/files)",
         "server",
     )
+    run_path: str = option(
+        "",
+        "directory where running jobs write their output and exit status, which outlive "
+        "the client there; on tmpfs it costs no disk write per job (default: systemd's "
+        "$RUNTIME_DIRECTORY, else run/ in --cache-path)",
+        "client",
+    )
+    on_stop: str = option(
+        "leave",
+        "what a stopping client does with the job processes still running: leave them "
+        "to the next client, which reports their results, or kill them (cancelled)",
+        "client",
+        choices=("leave", "kill"),
+    )
     machine_id: str = option(
         "", "machine id reported by the client (default /etc/machine-id)", "client"
     )
@@ -203,6 +217,14 @@ class Settings:
     def resolved_identity(self) -> str:
         """The node identity: ``--identity`` or the hostname."""
         return self.identity or socket.gethostname()
+
+    def resolved_run_path(self) -> str:
+        """Where running jobs keep their files: ``--run-path``, systemd's, or the cache's."""
+        return (
+            self.run_path
+            or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+            or str(Path(self.cache_path) / "run")
+        )
 
     def options(self, kind: type[OptionsT]) -> OptionsT:
         """The resolved options of class ``kind``, or its defaults if none were resolved."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -70,6 +72,12 @@ class LocalCluster:
         self.env = {**os.environ, **(env or {})}
         for key in [k for k in self.env if k.startswith("DIRECTORD_")]:
             del self.env[key]
+        # Where running jobs keep their files: on tmpfs when there is one, as
+        # systemd's RuntimeDirectory gives the packaged client.
+        shm = Path("/dev/shm")
+        self.run_root = Path(
+            tempfile.mkdtemp(prefix="directord-run-", dir=shm if shm.is_dir() else self.root)
+        )
 
     # ---- processes ------------------------------------------------------------------------
     def _base(self) -> list[str]:
@@ -168,6 +176,8 @@ class LocalCluster:
             f"machine-{identity}",
             "--cache-path",
             str(self.root / "cache" / identity),
+            "--run-path",
+            str(self.run_root / identity),
             *dial,
             "--ready-file",
             str(ready),
@@ -215,6 +225,7 @@ class LocalCluster:
         for proc in list(self.clients.values()):
             _stop(proc, signal.SIGTERM, 10.0)
         _stop(self.server, signal.SIGTERM, 10.0)
+        shutil.rmtree(self.run_root, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

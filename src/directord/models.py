@@ -12,7 +12,7 @@ import msgspec
 
 
 class State(enum.StrEnum):
-    """Where one job stands on one node. The last seven are final."""
+    """Where one job stands on one node. The last eight are final."""
 
     QUEUED = "queued"  # accepted by the server, not yet acknowledged by the node
     DELIVERED = "delivered"  # the node acknowledged it has the job
@@ -22,7 +22,8 @@ class State(enum.StrEnum):
     SKIPPED_CACHE = "skipped-cache"  # already succeeded on this node (cache hit)
     SKIPPED_PARENT = "skipped-parent"  # an earlier job of the same orchestration failed here
     UNDELIVERED = "undelivered"  # the node stayed offline until the job's deadline
-    LOST = "lost"  # the node vanished while the job was delivered/running
+    LOST = "lost"  # the outcome cannot be known: no process and no exit status left
+    CANCELLED = "cancelled"  # stopped on purpose before or while it ran
 
     @property
     def final(self) -> bool:

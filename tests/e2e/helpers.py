@@ -17,7 +17,16 @@ from tests.conftest import Cluster
 
 T = TypeVar("T")
 FINAL = frozenset(
-    {"success", "failed", "timeout", "skipped-cache", "skipped-parent", "undelivered", "lost"}
+    {
+        "success",
+        "failed",
+        "timeout",
+        "skipped-cache",
+        "skipped-parent",
+        "undelivered",
+        "lost",
+        "cancelled",
+    }
 )
 DEADLINE = 30.0
 

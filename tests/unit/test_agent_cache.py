@@ -191,7 +191,7 @@ def test_journal_transitions(cache: NodeCache) -> None:
     cache.add_job(job("j2", verb="ECHO"))
     assert cache.job_status("j1") == "queued"
     assert cache.queued_jobs() == [first, job("j2", verb="ECHO")]
-    cache.set_running("j1")
+    cache.set_running("j1", 1.0)
     assert cache.job_status("j1") == "running"
     assert cache.ids_with_status("running") == ["j1"]
     assert [j.id for j in cache.queued_jobs()] == ["j2"]
@@ -212,7 +212,7 @@ def test_journal_transitions(cache: NodeCache) -> None:
 def test_journal_survives_reopen(cache: NodeCache) -> None:
     for job_id in "qrda":
         cache.add_job(job(job_id))
-    cache.set_running("r")
+    cache.set_running("r", 1.0)
     cache.set_done(Result(id="d", state=State.FAILED))
     cache.set_done(Result(id="a", state=State.SUCCESS))
     cache.set_acked(["a"])

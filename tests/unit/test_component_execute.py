@@ -61,6 +61,7 @@ class FakeContext:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         block: bool = True,
+        durable: bool = False,
     ) -> ProcessResult:
         self.ran.append(command)
         return self.shell.get(command, ProcessResult(127, "", f"sh: {command}: not found"))

@@ -18,6 +18,7 @@ FINAL = {
     State.SKIPPED_PARENT,
     State.UNDELIVERED,
     State.LOST,
+    State.CANCELLED,
 }
 OK = {State.SUCCESS, State.SKIPPED_CACHE}
 
@@ -40,6 +41,7 @@ def test_state_values_are_the_wire_names() -> None:
         "skipped-parent",
         "undelivered",
         "lost",
+        "cancelled",
     ]
     assert State("skipped-cache") is State.SKIPPED_CACHE
     assert str(State.LOST) == "lost"

@@ -3,9 +3,10 @@
 Cache: ``args``, ``envs`` and ``query`` mappings, the last state of every job
 fingerprint (sha) and every orchestration (parent) seen here. Journal: every
 job received, with its status (``queued`` -> ``running`` -> ``done`` ->
-``acked``) and its result, so that a restarted client resumes queued jobs,
-reports jobs it was running as lost, resends results the server has not
-acknowledged, and never runs a job id twice.
+``acked``) and its result, and when a running job started, so that a
+restarted client resumes queued jobs, re-attaches to jobs it was running,
+resends results the server has not acknowledged, and never runs a job id
+twice.
 
 Writes join one open transaction; :meth:`commit` is called before
 acknowledging jobs and before starting each one, so the journal on disk is
@@ -22,6 +23,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +90,7 @@ class NodeCache:
         self._shas: dict[str, str] = dict(self._db.execute("SELECT sha, state FROM shas"))
         self._parents: dict[str, str] = dict(self._db.execute("SELECT id, state FROM parents"))
         self._in_tx = False
+        self._after_commit: list[Callable[[], None]] = []
 
     # ---- transactions ------------------------------------------------------------------
     def _w(self, sql: str, params: tuple[Any, ...]) -> None:
@@ -101,6 +104,14 @@ class NodeCache:
         if self._in_tx:
             self._db.execute("COMMIT")
             self._in_tx = False
+        if self._after_commit:
+            done, self._after_commit = self._after_commit, []
+            for action in done:
+                action()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once what is written so far is durable."""
+        self._after_commit.append(action)
 
     def close(self) -> None:
         """Commit and close."""
@@ -168,9 +179,9 @@ class NodeCache:
             "INSERT INTO jobs VALUES (?, ?, 'queued', NULL, ?)", (job.id, encode(job), time.time())
         )
 
-    def set_running(self, job_id: str) -> None:
-        """Journal that a job started."""
-        self._w("UPDATE jobs SET status='running' WHERE id=?", (job_id,))
+    def set_running(self, job_id: str, started: float) -> None:
+        """Journal that a job started (its deadline counts from ``started``)."""
+        self._w("UPDATE jobs SET status='running', ts=? WHERE id=?", (started, job_id))
 
     def set_done(self, result: Result) -> None:
         """Journal a job's result (not yet acknowledged by the server)."""
@@ -178,6 +189,17 @@ class NodeCache:
             "UPDATE jobs SET status='done', result=?, ts=? WHERE id=?",
             (encode(result), time.time(), result.id),
         )
+
+    def running_jobs(self) -> list[tuple[Job, float]]:
+        """The jobs that were running when the agent stopped, with their start, oldest first."""
+        rows = self._db.execute(
+            "SELECT id, body, ts FROM jobs WHERE status='running' ORDER BY rowid"
+        )
+        return [
+            (job, started)
+            for job_id, blob, started in rows
+            if (job := _decode(_JOB, blob, job_id)) is not None
+        ]
 
     def set_acked(self, job_ids: list[str]) -> None:
         """The server stored these results."""

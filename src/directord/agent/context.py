@@ -8,9 +8,10 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from directord.agent import executor
+from directord.agent import executor, jobprocs
 from directord.agent.cache import NodeCache
 from directord.agent.templates import render_template
 from directord.agent.uplink import Uplink
@@ -24,6 +25,20 @@ CHUNK = 1024 * 1024
 WINDOW = 4  # chunk requests in flight per file transfer
 
 
+class ProcessKeeper(Protocol):
+    """Where durable job processes are journalled (the runner)."""
+
+    procs_dir: Path
+
+    def spawned(self, job_id: str, pid: int) -> None:
+        """A job process exists."""
+        ...
+
+    def leaving(self) -> bool:
+        """Whether a cancelled job process is left running (the agent stops)."""
+        ...
+
+
 class JobContext:
     """Implements components.base.ExecContext for one job."""
 
@@ -34,6 +49,7 @@ class JobContext:
         cache: NodeCache,
         uplink: Uplink,
         on_restart: Callable[[str], None],
+        keeper: ProcessKeeper | None = None,
     ) -> None:
         self.job = job
         self.job_id = job.id
@@ -44,6 +60,7 @@ class JobContext:
         self._cache = cache
         self._uplink = uplink
         self._on_restart = on_restart
+        self._keeper = keeper
         sections = cache.sections
         self.args = sections["args"]
         self.envs = sections["envs"]
@@ -72,12 +89,26 @@ class JobContext:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         block: bool = True,
+        durable: bool = False,
     ) -> ProcessResult:
         environment = executor.encoded_environment(env) if env is not None else (self.environment())
         if not block:
             await executor.spawn_detached(command, environment)
             return ProcessResult(rc=0, stdout="", stderr="")
         on_output = self._output if self.job.stream else None
+        keeper = self._keeper
+        if durable and keeper is not None:
+            job_id = self.job_id
+            return await jobprocs.run_durable(
+                command,
+                jobprocs.ProcFiles.of(keeper.procs_dir, job_id),
+                job_id,
+                env=environment,
+                timeout=timeout,
+                on_output=on_output,
+                on_spawn=lambda pid: keeper.spawned(job_id, pid),
+                leave=keeper.leaving,
+            )
         return await executor.run_shell(command, environment, timeout=timeout, on_output=on_output)
 
     def _output(self, stream: str, line: str) -> None:

@@ -53,7 +53,7 @@ def encoded_environment(extra: Mapping[str, str] | None = None) -> dict[bytes, b
 
 # posix_spawn cannot set a umask: the job's shell sets it first, on the same line so
 # that the shell's line numbers in error messages stay the user's.
-_JOB_PREFIX = f"umask {JOB_UMASK:04o}; "
+JOB_PREFIX = f"umask {JOB_UMASK:04o}; "
 
 
 def _kill_group(pgid: int) -> None:
@@ -204,7 +204,8 @@ class _Child:
 _DEVNULL: list[int] = []
 
 
-def _devnull() -> int:
+def devnull() -> int:
+    """A descriptor of /dev/null, opened once (a job's stdin)."""
     if not _DEVNULL:
         _DEVNULL.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
     return _DEVNULL[0]
@@ -229,10 +230,10 @@ async def run_shell(
         # posix_spawn returns as soon as the child has exec'd; it does not wait.
         pid = os.posix_spawn(  # noqa: ASYNC221
             SHELL,
-            [SHELL, "-c", _JOB_PREFIX + command],
+            [SHELL, "-c", JOB_PREFIX + command],
             env if env is not None else encoded_environment(),
             file_actions=[
-                (os.POSIX_SPAWN_DUP2, _devnull(), 0),
+                (os.POSIX_SPAWN_DUP2, devnull(), 0),
                 (os.POSIX_SPAWN_DUP2, out_w, 1),
                 (os.POSIX_SPAWN_DUP2, err_w, 2),
             ],
@@ -265,10 +266,10 @@ async def run_shell(
 
 async def spawn_detached(command: str, env: Environment | None = None) -> int:
     """Start ``/bin/sh -c command`` detached (``--no-block``); reap it in the background."""
-    null = _devnull()
+    null = devnull()
     pid = os.posix_spawn(  # noqa: ASYNC221 - returns once the child has exec'd
         SHELL,
-        [SHELL, "-c", _JOB_PREFIX + command],
+        [SHELL, "-c", JOB_PREFIX + command],
         env if env is not None else encoded_environment(),
         setsid=True,
         file_actions=[

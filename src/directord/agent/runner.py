@@ -7,6 +7,15 @@ the job's timeout, holding the node's lock if it asks for it. The result is
 journalled before it is sent, so a crash never loses it; ``--stdout-arg`` and
 ``--stderr-arg`` keep what a successful job printed as cached args. A RESTART
 job re-executes the client once its result is acknowledged.
+
+A RUN job's shell outlives the agent (jobprocs.py). A job that was running
+when the previous agent went away is re-attached in its lane, ahead of the
+jobs queued behind it, so a step never starts before the one before it
+ended: its real result is reported, or ``lost`` when nobody can know it,
+which stops the rest of its orchestration here as a failure does. When the
+agent stops (SIGTERM, RESTART) nothing new starts; with ``--on-stop leave``
+(the default) running job processes are left to the next agent, with
+``--on-stop kill`` their groups are killed and they end ``cancelled``.
 """
 
 from __future__ import annotations
@@ -15,17 +24,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
+from directord.agent import jobprocs
 from directord.agent.cache import NodeCache
 from directord.agent.context import JobContext
+from directord.agent.executor import OutputCallback
 from directord.agent.uplink import Uplink
 from directord.components import get_component
 from directord.components.base import Outcome
-from directord.errors import DirectordError
+from directord.errors import ConfigError, DirectordError
 from directord.models import State
-from directord.protocol import Job, Result
+from directord.protocol import Job, Output, Result
+from directord.security.private import private_directory
 
 log = logging.getLogger(__name__)
 # While a lane still has jobs queued, results wait up to this long to share a
@@ -37,23 +51,49 @@ RESULT_LINGER = 0.025
 TIMEOUT_MARGIN = 0.5
 # A restart waits this long for the server to acknowledge the RESTART result.
 RESTART_ACK_WAIT = 10.0
+# With --on-stop kill, a stopping agent waits this long for the killed jobs' results.
+KILL_WAIT = 5.0
+ON_STOP = ("leave", "kill")
 
 
 class JobRunner:
     """Runs jobs one at a time per lane (the lanes call :meth:`run`)."""
 
-    def __init__(self, identity: str, cache: NodeCache, uplink: Uplink) -> None:
+    def __init__(
+        self,
+        identity: str,
+        cache: NodeCache,
+        uplink: Uplink,
+        *,
+        run_path: str | Path,
+        on_stop: str = "leave",
+    ) -> None:
         self.identity = identity
         self.cache = cache
         self.uplink = uplink
+        self.on_stop = on_stop
+        self.procs_dir = Path(run_path)
+        try:
+            private_directory(self.procs_dir, tighten=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot use run path {run_path}: {exc}", key="run_path") from None
         self._lock = asyncio.Lock()
         #: the RESTART job whose acknowledgement re-executes the client
         self.restart_after: str | None = None
         self._restart: asyncio.Task[None] | None = None
+        #: "leave" or "kill" once the agent stops; nothing new starts then
+        self.stopping: str | None = None
+        self._procs: dict[str, int] = {}  # job id -> pid of its running job process
+        self._killed: set[str] = set()  # jobs whose process the stop killed
+        #: jobs an earlier agent left running: id -> (their start, their shell's pid)
+        self._recovered: dict[str, tuple[float, int | None]] = {}
+        self._active: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def may_start(self) -> bool:
-        """False once a RESTART waits: nothing new starts before the re-exec."""
-        return self.restart_after is None
+        """False once the agent stops or a RESTART waits: nothing new starts."""
+        return self.restart_after is None and self.stopping is None
 
     def request_restart(self, job_id: str) -> None:
         """Re-execute the client once this job's result is acknowledged."""
@@ -64,11 +104,64 @@ class JobRunner:
         if self._restart is not None:
             self._restart.cancel()
 
+    def recover(self, running: list[tuple[Job, float]]) -> None:
+        """Jobs were running when an earlier agent went away: re-attach, never re-run.
+
+        Finds their processes (one scan of /proc) and deletes process files no
+        running job owns (left by a crash after a result was committed).
+        """
+        found = jobprocs.find_job_processes() if running else {}
+        for job, started in running:
+            self._recovered[job.id] = (started, found.get(job.id))
+        keep = {jobprocs.ProcFiles.of(self.procs_dir, job.id).base for job, _ in running}
+        for path in self.procs_dir.iterdir():
+            if str(path.with_suffix("")) not in keep:
+                path.unlink(missing_ok=True)
+
+    def stop(self, how: str) -> None:
+        """Stop taking jobs: ``leave`` running job processes, or ``kill`` their groups."""
+        self.stopping = how
+        if how == "kill":
+            for job_id, pid in self._procs.items():
+                self._killed.add(job_id)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait (bounded) until no job runs."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    def leaving(self) -> bool:
+        """Whether a cancelled job process stays running (the agent stops, leaving them)."""
+        return self.stopping == "leave"
+
+    def spawned(self, job_id: str, pid: int) -> None:
+        """A job process exists (a stop with ``kill`` kills its group)."""
+        self._procs[job_id] = pid
+
     async def run(self, job: Job, more: bool = False) -> None:
         """Run one job and report its result (``more``: others wait behind it)."""
+        self._active.add(job.id)
+        self._idle.clear()
+        try:
+            await self._run(job, more)
+        finally:
+            self._procs.pop(job.id, None)
+            self._active.discard(job.id)
+            if not self._active:
+                self._idle.set()
+
+    async def _run(self, job: Job, more: bool) -> None:
         started = time.time()
         t0 = time.perf_counter()
-        if job.parent and self.cache.parent_failed(job.parent):
+        ended: float | None = None
+        recovered = self._recovered.pop(job.id, None)
+        if recovered is not None:
+            started, pid = recovered
+            outcome, ended = await self._reattach(job, started, pid)
+            self.cache.set_sha_state(job.sha, str(outcome.state))
+        elif job.parent and self.cache.parent_failed(job.parent):
             outcome = Outcome(
                 State.SKIPPED_PARENT,
                 None,
@@ -78,10 +171,17 @@ class JobRunner:
         elif not job.skip_cache and self.cache.sha_state(job.sha) == str(State.SUCCESS):
             outcome = Outcome(State.SKIPPED_CACHE, 0, "", "")
         else:
-            self.cache.set_running(job.id)
+            self.cache.set_running(job.id, started)
             self.cache.commit()
             outcome = await self._execute(job)
             self.cache.set_sha_state(job.sha, str(outcome.state))
+        if job.id in self._killed:
+            outcome = Outcome(
+                State.CANCELLED,
+                None,
+                outcome.stdout,
+                _line(outcome.stderr, "the client stopped (--on-stop kill) and killed the job"),
+            )
         if job.parent:
             self.cache.set_parent_state(job.parent, "failed" if not outcome.state.ok else "running")
         result = Result(
@@ -91,19 +191,79 @@ class JobRunner:
             stdout=outcome.stdout,
             stderr=outcome.stderr,
             started=started,
-            exec_time=time.perf_counter() - t0,
+            exec_time=(ended - started) if ended is not None else time.perf_counter() - t0,
         )
         self.cache.set_done(result)
+        files = jobprocs.ProcFiles.of(self.procs_dir, job.id)
         if not more:
             self.cache.commit()
+            files.remove()
+        else:
+            # The files go once the result is on disk; until then they are the result.
+            self.cache.after_commit(files.remove)
         # More jobs queued behind this one: let results travel together.
         self.uplink.post(result, linger=RESULT_LINGER if more else 0.0)
         if self.restart_after == job.id:
             self._restart = asyncio.create_task(self._restart_when_acked(job.id))
 
+    async def _reattach(
+        self, job: Job, started: float, pid: int | None
+    ) -> tuple[Outcome, float | None]:
+        """The outcome of a job an earlier agent left running, and when it ended."""
+        files = jobprocs.ProcFiles.of(self.procs_dir, job.id)
+        if not files.exist():
+            return (
+                Outcome(
+                    State.LOST,
+                    None,
+                    "",
+                    f"the client stopped while running this {job.verb} job in its own"
+                    " process; what it did is unknown",
+                ),
+                None,
+            )
+        if pid is not None:
+            self._procs[job.id] = pid
+            log.info("job %s: re-attaching to its process %d", job.id, pid)
+        on_output = self._output_to_server(job.id) if job.stream else None
+        found = await jobprocs.reattach(
+            job.id,
+            pid,
+            files,
+            deadline=started + job.timeout,
+            on_output=on_output,
+            leave=self.leaving,
+        )
+        if found is None:
+            return (
+                Outcome(
+                    State.LOST,
+                    None,
+                    files.read("stdout").decode("utf-8", "replace"),
+                    _line(
+                        files.read("stderr").decode("utf-8", "replace"),
+                        "the job's process ended without leaving an exit status while no"
+                        " client watched it (killed, or the node restarted); its outcome is"
+                        " unknown",
+                    ),
+                ),
+                None,
+            )
+        result, ended = found
+        outcome = Outcome.from_process(result)
+        if outcome.state.ok:
+            self._capture(dict(job.options), outcome)
+        return outcome, ended
+
+    def _output_to_server(self, job_id: str) -> OutputCallback:
+        def forward(stream: str, line: str) -> None:
+            self.uplink.post(Output(id=job_id, stream=stream, data=line))
+
+        return forward
+
     async def _execute(self, job: Job) -> Outcome:
         options = dict(job.options)
-        ctx = JobContext(job, self.identity, self.cache, self.uplink, self.request_restart)
+        ctx = JobContext(job, self.identity, self.cache, self.uplink, self.request_restart, self)
         try:
             component = get_component(job.verb)
             locked = component.needs_lock or bool(options.get("force_lock"))
@@ -123,14 +283,19 @@ class JobRunner:
         except Exception as exc:  # a component bug fails the job, not the agent
             log.exception("job %s (%s) raised", job.id, job.verb)
             return Outcome.fail(f"internal error in {job.verb}: {exc!r}")
+        if outcome.state.ok:
+            self._capture(options, outcome)
+        return outcome
+
+    def _capture(self, options: dict[str, object], outcome: Outcome) -> None:
+        """``--stdout-arg`` / ``--stderr-arg``: keep what a successful job printed."""
         captured = {}
-        if options.get("stdout_arg") and outcome.state.ok:
-            captured[options["stdout_arg"]] = outcome.stdout.strip()
-        if options.get("stderr_arg") and outcome.state.ok:
-            captured[options["stderr_arg"]] = outcome.stderr.strip()
+        if options.get("stdout_arg"):
+            captured[str(options["stdout_arg"])] = outcome.stdout.strip()
+        if options.get("stderr_arg"):
+            captured[str(options["stderr_arg"])] = outcome.stderr.strip()
         if captured:
             self.cache.update("args", captured)
-        return outcome
 
     async def _restart_when_acked(self, job_id: str) -> None:
         """Wait (bounded) until the server stored the RESTART result, then re-exec."""
@@ -139,8 +304,18 @@ class JobRunner:
         self.cache.commit()
         while self.cache.job_status(job_id) != "acked" and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        # The same path as a stop: running job processes are left to the re-executed
+        # client (they stay this process's children), or killed and reported.
+        self.stop(self.on_stop)
+        if self.on_stop == "kill":
+            await self.wait_idle(KILL_WAIT)
         log.info("restarting the client as asked by job %s", job_id)
         self.cache.close()
         # Same PID, fresh process image: systemd or any supervisor sees no exit. The
         # journal brings back every job still queued. orig_argv keeps `-m directord`.
         os.execv(sys.executable, sys.orig_argv)
+
+
+def _line(text: str, line: str) -> str:
+    """``text`` with one more line."""
+    return text + ("\n" if text and not text.endswith("\n") else "") + line

@@ -117,8 +117,15 @@ class ExecContext(Protocol):
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         block: bool = True,
+        durable: bool = False,
     ) -> ProcessResult:
-        """Run ``/bin/sh -c command`` in its own process group, honouring the timeout."""
+        """Run ``/bin/sh -c command`` in its own process group, honouring the timeout.
+
+        ``durable``: the process outlives the agent. Its output and exit status
+        go to the node's journal directory, and an agent restarted while it runs
+        re-attaches and reports its result as this job's (so only the job's one
+        main process should be durable).
+        """
         ...
 
     async def fetch_file(

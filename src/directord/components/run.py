@@ -43,7 +43,11 @@ class Run(Component):
         attempts = int(options.get("retry") or 0) + 1
         outcome = Outcome.fail("not run")
         for _ in range(attempts):
-            outcome = Outcome.from_process(await ctx.run_shell(command, timeout=ctx.timeout))
+            # Durable: the shell outlives an agent restart, which then reports the
+            # result of the attempt it re-attached to (no further retries).
+            outcome = Outcome.from_process(
+                await ctx.run_shell(command, timeout=ctx.timeout, durable=True)
+            )
             if outcome.state.ok:
                 break
         return outcome

@@ -225,10 +225,21 @@ class JobBook:
         stdout: str = "",
         stderr: str = "",
         exec_time: float | None = None,
+        reported: bool = False,
     ) -> None:
-        """Put a (job, node) into a final state, once."""
+        """Put a (job, node) into a final state, once.
+
+        The one exception is ``lost``, the server's call when a node went away
+        holding the job: the result the node itself ``reported`` later (its
+        agent re-attached to the job) replaces it, and the history keeps both.
+        """
         if target.state.final:
-            return
+            if not reported or target.state is not State.LOST or state is State.LOST:
+                return
+            target.history.append(
+                {"state": target.state.value, "at": target.finished, "stderr": target.stderr}
+            )
+            log.info("job %s on %s: lost is now %s", target.job_id, identity, state)
         now = time.time()
         target.state = state
         target.rc = rc

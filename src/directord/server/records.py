@@ -64,6 +64,9 @@ class TargetRecord:
     sent: float | None = None
     delivered: float | None = None
     finished: float | None = None
+    #: states this target left, oldest first: {state, at, stderr} (a ``lost``
+    #: that the node's real result replaced when its agent came back)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -84,6 +87,7 @@ class TargetRecord:
             "sent": self.sent,
             "delivered": self.delivered,
             "finished": self.finished,
+            "history": self.history,
         }
 
     @classmethod

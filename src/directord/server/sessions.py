@@ -60,6 +60,7 @@ NODE_STATES = frozenset(
         State.SKIPPED_CACHE,
         State.SKIPPED_PARENT,
         State.LOST,
+        State.CANCELLED,
     }
 )
 
@@ -230,6 +231,7 @@ class AgentSession:
             stdout=result.stdout,
             stderr=result.stderr,
             exec_time=result.exec_time,
+            reported=True,
         )
         self.parts.hooks.on_target_final(result.id)
         return result.id
