@@ -180,3 +180,21 @@ def test_streamed_output_continues_after_the_agent_returns(node: Cluster) -> Non
         stream.until(lambda lines: any("after-return" in line for line in lines), "the last line")
     finally:
         stream.kill()
+
+
+def test_restart_leaves_a_running_job_to_the_restarted_client(node: Cluster) -> None:
+    marker, log = node.root / "long.pid", node.root / "long.log"
+    path = node.root / "long.yaml"
+    path.write_text(
+        f"- async: true\n  jobs:\n    - RUN: echo $$ > {marker}; sleep 3; echo long-done >> {log}\n"
+    )
+    [parent] = submit(node, "orchestrate", str(path), "--target", "node0")
+    wait_for(lambda: marker.exists() and marker.read_text().endswith("\n"), "the long job")
+    pid_before = node.clients["node0"].pid
+    reply = node.json("exec", "--verb", "RESTART", "--target", "node0", "--wait")
+    assert [r["state"] for r in reply["results"]] == ["success"]
+    info = wait_job(node, parent["jobs"][0])
+    assert states(info) == {"node0": "success"}
+    assert node.clients["node0"].pid == pid_before  # re-executed in place
+    assert "re-attaching to its process" in node.log("node0").read_text()
+    assert log.read_text() == "long-done\n"

@@ -20,6 +20,7 @@ from tests.e2e.helpers import (
     kill_pids,
     name_nodes,
     nodes,
+    pid_alive,
     read_lines,
     states,
     submit,
@@ -125,7 +126,9 @@ def test_job_queued_for_offline_node_is_delivered_when_it_returns(make_cluster: 
     assert read_lines(out) == ["once"]
 
 
-def test_node_vanishing_while_running_a_job_is_lost(make_cluster: Any) -> None:
+def test_node_vanishing_while_running_a_job_is_lost_unless_its_client_returns(
+    make_cluster: Any,
+) -> None:
     c = make_cluster(nodes=2, **FAST)
     pids_file = c.root / "pids"
     [parent] = submit(
@@ -136,13 +139,15 @@ def test_node_vanishing_while_running_a_job_is_lost(make_cluster: Any) -> None:
     try:
         c.stop_process("node0", signal.SIGKILL)
         c.stop_process("node1", signal.SIGKILL)
-        # node0 comes back and says it lost the job; node1 stays away past the deadline.
+        # node0 comes back, finds its job still running and kills it at its stored
+        # deadline; node1 stays away past the deadline, and the server calls it lost.
         c.start_client("node0")
         info = wait_job(c, job_id)
-        assert states(info) == {"node0": "lost", "node1": "lost"}
-        assert "restarted" in info["results"]["node0"]["stderr"]
+        assert states(info) == {"node0": "timeout", "node1": "lost"}
         assert "node1" in info["results"]["node1"]["stderr"]
         assert all(r["rc"] is None for r in info["results"].values())
+        # node0's job was killed; node1's, with no client to watch it, still runs.
+        assert sum(pid_alive(int(p)) for p in read_lines(pids_file)) == 1
     finally:
         kill_pids([int(p) for p in read_lines(pids_file)])
 
