@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,9 +24,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+# Unique per run: a job shell of an earlier or parallel test must never match.
+JOB = f"job-{uuid.uuid4().hex}"
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> ProcFiles:
-    return ProcFiles.of(tmp_path, "job-1")
+    return ProcFiles.of(tmp_path, JOB)
 
 
 def _never_leave() -> bool:
@@ -48,13 +53,13 @@ def test_a_durable_shell_records_output_and_status_and_knows_its_job(files: Proc
         run_durable(
             'echo "out $DIRECTORD_JOB_ID"; echo err >&2; exit 4',
             files,
-            "job-1",
+            JOB,
             timeout=30,
             on_spawn=spawned.append,
             leave=_never_leave,
         )
     )
-    assert (result.rc, result.stdout, result.stderr) == (4, "out job-1\n", "err\n")
+    assert (result.rc, result.stdout, result.stderr) == (4, f"out {JOB}\n", "err\n")
     status = files.exit_status()
     assert status is not None and status[0] == 4
     assert len(spawned) == 1 and spawned[0] > 0
@@ -62,7 +67,7 @@ def test_a_durable_shell_records_output_and_status_and_knows_its_job(files: Proc
 
 
 def test_the_users_exit_and_line_numbers_are_unchanged(files: ProcFiles) -> None:
-    result = run(run_durable("missing-command-xyz", files, "job-1", leave=_never_leave))
+    result = run(run_durable("missing-command-xyz", files, JOB, leave=_never_leave))
     assert result.rc == 127
     assert result.stderr.startswith("/bin/sh: 1: missing-command-xyz: not found")
 
@@ -75,7 +80,7 @@ def test_a_left_process_is_found_and_collected_when_it_ends(files: ProcFiles) ->
             run_durable(
                 "sleep 0.5; echo done; exit 3",
                 files,
-                "job-1",
+                JOB,
                 on_spawn=spawned.append,
                 leave=_always_leave,
             )
@@ -85,8 +90,8 @@ def test_a_left_process_is_found_and_collected_when_it_ends(files: ProcFiles) ->
         with pytest.raises(asyncio.CancelledError):
             await task
         found = find_job_processes()
-        assert found.get("job-1") == spawned[0]
-        return await reattach("job-1", found["job-1"], files, deadline=None, leave=_never_leave)
+        assert found.get(JOB) == spawned[0]
+        return await reattach(JOB, found[JOB], files, deadline=None, leave=_never_leave)
 
     found = run(scenario())
     assert found is not None
@@ -100,7 +105,7 @@ def test_a_job_that_ended_unwatched_is_read_from_its_status_file(files: ProcFile
     Path(files.err).write_text("")
     Path(files.status).write_text("0\n")
     os.utime(files.status, (1000.0, 1000.0))
-    found = run(reattach("job-1", None, files, deadline=None, leave=_never_leave))
+    found = run(reattach(JOB, None, files, deadline=None, leave=_never_leave))
     assert found is not None
     result, ended = found
     assert (result.rc, result.stdout, ended) == (0, "partial\n", 1000.0)
@@ -111,12 +116,12 @@ def test_no_process_and_no_readable_status_is_unknown(files: ProcFiles, status: 
     if status is not None:
         Path(files.status).write_text(status)
     gone = _dead_pid()
-    assert run(reattach("job-1", gone, files, deadline=None, leave=_never_leave)) is None
+    assert run(reattach(JOB, gone, files, deadline=None, leave=_never_leave)) is None
 
 
 def test_a_recycled_pid_is_never_taken_for_the_job(files: ProcFiles) -> None:
-    # This pid is alive, but it is no job's shell (and not job-1's).
-    assert run(reattach("job-1", os.getpid(), files, deadline=None, leave=_never_leave)) is None
+    # This pid is alive, but it is no job's shell (and not this job's).
+    assert run(reattach(JOB, os.getpid(), files, deadline=None, leave=_never_leave)) is None
 
 
 def test_a_job_past_its_deadline_is_killed_when_reattached(files: ProcFiles) -> None:
@@ -128,7 +133,7 @@ def test_a_job_past_its_deadline_is_killed_when_reattached(files: ProcFiles) -> 
             run_durable(
                 "sleep 30 & sleep 30; echo late",
                 files,
-                "job-1",
+                JOB,
                 timeout=0.3,
                 on_spawn=spawned.append,
                 leave=_always_leave,
@@ -140,7 +145,7 @@ def test_a_job_past_its_deadline_is_killed_when_reattached(files: ProcFiles) -> 
             await task
         await asyncio.sleep(0.4)  # the deadline passes with nobody watching
         return await reattach(
-            "job-1", spawned[0], files, deadline=started + 0.3, leave=_never_leave
+            JOB, spawned[0], files, deadline=started + 0.3, leave=_never_leave
         )
 
     found = run(scenario())
@@ -155,7 +160,7 @@ def test_cancelled_without_leave_kills_the_group(files: ProcFiles) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(
-            run_durable("sleep 30", files, "job-1", on_spawn=spawned.append, leave=_never_leave)
+            run_durable("sleep 30", files, JOB, on_spawn=spawned.append, leave=_never_leave)
         )
         await asyncio.sleep(0.1)
         task.cancel()
@@ -176,7 +181,7 @@ def test_streamed_lines_after_reattaching_are_forwarded(files: ProcFiles, tmp_pa
             run_durable(
                 f"echo before; while [ ! -e {gate} ]; do sleep 0.02; done; echo after; echo e >&2",
                 files,
-                "job-1",
+                JOB,
                 on_spawn=spawned.append,
                 leave=_always_leave,
             )
@@ -187,7 +192,7 @@ def test_streamed_lines_after_reattaching_are_forwarded(files: ProcFiles, tmp_pa
             await task
         attached = asyncio.create_task(
             reattach(
-                "job-1",
+                JOB,
                 spawned[0],
                 files,
                 deadline=None,
@@ -205,7 +210,7 @@ def test_streamed_lines_after_reattaching_are_forwarded(files: ProcFiles, tmp_pa
 
 
 def test_killed_by_a_signal_leaves_no_status(files: ProcFiles) -> None:
-    result = run(run_durable("kill -KILL $$", files, "job-1", leave=_never_leave))
+    result = run(run_durable("kill -KILL $$", files, JOB, leave=_never_leave))
     assert result.rc == -signal.SIGKILL
     assert files.exit_status() is None
 

@@ -8,7 +8,6 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 from directord.agent import executor, jobprocs
@@ -28,7 +27,7 @@ WINDOW = 4  # chunk requests in flight per file transfer
 class ProcessKeeper(Protocol):
     """Where durable job processes are journalled (the runner)."""
 
-    procs_dir: Path
+    procs_dir: str
 
     def spawned(self, job_id: str, pid: int) -> None:
         """A job process exists."""
@@ -61,6 +60,7 @@ class JobContext:
         self._uplink = uplink
         self._on_restart = on_restart
         self._keeper = keeper
+        self._durable_runs = 0
         sections = cache.sections
         self.args = sections["args"]
         self.envs = sections["envs"]
@@ -99,6 +99,7 @@ class JobContext:
         keeper = self._keeper
         if durable and keeper is not None:
             job_id = self.job_id
+            self._durable_runs += 1
             return await jobprocs.run_durable(
                 command,
                 jobprocs.ProcFiles.of(keeper.procs_dir, job_id),
@@ -108,6 +109,7 @@ class JobContext:
                 on_output=on_output,
                 on_spawn=lambda pid: keeper.spawned(job_id, pid),
                 leave=keeper.leaving,
+                again=self._durable_runs > 1,
             )
         return await executor.run_shell(command, environment, timeout=timeout, on_output=on_output)
 

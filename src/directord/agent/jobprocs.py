@@ -30,7 +30,6 @@ import shlex
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from directord.agent.executor import (
@@ -54,29 +53,24 @@ CAP_INTERVAL = 1.0
 _STATUS_TRAP = "trap 'echo $? > \"$directord_status_file\"' EXIT; "
 
 
-@dataclass(frozen=True, slots=True)
 class ProcFiles:
     """Where one job's process writes its stdout, stderr and exit status."""
 
-    base: str
+    __slots__ = ("base", "err", "out", "status")
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.out = base + ".out"
+        self.err = base + ".err"
+        self.status = base + ".rc"
+
+    def __repr__(self) -> str:
+        return f"ProcFiles({self.base!r})"
 
     @classmethod
-    def of(cls, folder: Path, job_id: str) -> ProcFiles:
+    def of(cls, folder: str | Path, job_id: str) -> ProcFiles:
         """The files of ``job_id`` (named by a digest: a job id never becomes a path)."""
-        digest = hashlib.sha256(job_id.encode()).hexdigest()[:40]
-        return cls(str(folder / digest))
-
-    @property
-    def out(self) -> str:
-        return self.base + ".out"
-
-    @property
-    def err(self) -> str:
-        return self.base + ".err"
-
-    @property
-    def status(self) -> str:
-        return self.base + ".rc"
+        return cls(f"{folder}/{hashlib.sha256(job_id.encode()).hexdigest()[:40]}")
 
     def exist(self) -> bool:
         """Whether a job process was started with these files."""
@@ -114,13 +108,16 @@ class ProcFiles:
 
     def read(self, name: str, offset: int = 0) -> bytes:
         """What one stream holds from ``offset`` (at most MAX_CAPTURE bytes in all)."""
-        path = self.out if name == "stdout" else self.err
         try:
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                return fh.read(max(0, MAX_CAPTURE - offset))
+            fd = os.open(self.out if name == "stdout" else self.err, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return b""
+        try:
+            return os.pread(fd, max(0, MAX_CAPTURE - offset), offset)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
 
 
 JOB_ID_VAR = b"DIRECTORD_JOB_ID"
@@ -278,11 +275,13 @@ async def run_durable(
     on_output: OutputCallback | None = None,
     on_spawn: Callable[[int], None] | None = None,
     leave: Callable[[], bool],
+    again: bool = False,
 ) -> ProcessResult:
     """Run ``/bin/sh -c command`` as the process of job ``job_id``, which may outlive this agent.
 
     ``on_spawn`` gets the pid as soon as it exists; ``leave()`` says, when the
-    caller is cancelled, whether the process is left running.
+    caller is cancelled, whether the process is left running. ``again``: an
+    earlier process of the job used these files (RUN --retry).
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
     out = os.open(files.out, flags, 0o600)
@@ -291,8 +290,9 @@ async def run_durable(
     except BaseException:
         os.close(out)
         raise
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(files.status)  # an earlier attempt's (RUN --retry)
+    if again:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(files.status)
     environment = {
         **(env if env is not None else encoded_environment()),
         JOB_ID_VAR: job_id.encode(),

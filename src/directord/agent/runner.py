@@ -72,7 +72,7 @@ class JobRunner:
         self.cache = cache
         self.uplink = uplink
         self.on_stop = on_stop
-        self.procs_dir = Path(run_path)
+        self.procs_dir = str(run_path)
         try:
             private_directory(self.procs_dir, tighten=True)
         except OSError as exc:
@@ -114,7 +114,7 @@ class JobRunner:
         for job, started in running:
             self._recovered[job.id] = (started, found.get(job.id))
         keep = {jobprocs.ProcFiles.of(self.procs_dir, job.id).base for job, _ in running}
-        for path in self.procs_dir.iterdir():
+        for path in Path(self.procs_dir).iterdir():
             if str(path.with_suffix("")) not in keep:
                 path.unlink(missing_ok=True)
 
@@ -194,13 +194,11 @@ class JobRunner:
             exec_time=(ended - started) if ended is not None else time.perf_counter() - t0,
         )
         self.cache.set_done(result)
-        files = jobprocs.ProcFiles.of(self.procs_dir, job.id)
+        if recovered is not None or job.id in self._procs:
+            # The files go once the result is on disk; until then they are the result.
+            self.cache.after_commit(jobprocs.ProcFiles.of(self.procs_dir, job.id).remove)
         if not more:
             self.cache.commit()
-            files.remove()
-        else:
-            # The files go once the result is on disk; until then they are the result.
-            self.cache.after_commit(files.remove)
         # More jobs queued behind this one: let results travel together.
         self.uplink.post(result, linger=RESULT_LINGER if more else 0.0)
         if self.restart_after == job.id:
