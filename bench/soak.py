@@ -216,14 +216,18 @@ def main() -> int:
             infos = drain(soak, 300)
             elapsed = time.monotonic() - t0
             figures = analyse(soak, infos)
+            figures["collected after a kill"] = sum(
+                cluster.log(node).read_text(errors="replace").count("; collecting it")
+                for node in cluster.identities
+            )
     print(f"soak: {args.driver}, {args.nodes} nodes, {elapsed / 60:.1f} min, seed {seed}")
-    print(f"  orchestrations   {len(soak.orchestrations)}")
-    print(f"  kills            clients {soak.kills['client']}, server {soak.kills['server']}")
+    print(f"  {'orchestrations':<22} {len(soak.orchestrations)}")
+    print(f"  {'kills':<22} clients {soak.kills['client']}, server {soak.kills['server']}")
     for key in ("jobs run", "run twice", "out of order", "never ended"):
-        print(f"  {key:<16} {figures.get(key, 0)}")
+        print(f"  {key:<22} {figures.get(key, 0)}")
     for key, value in figures.items():
         if key not in ("jobs run", "run twice", "out of order", "never ended"):
-            print(f"  {key:<16} {value}")
+            print(f"  {key:<22} {value}")
     bad = sum(
         figures.get(k, 0)
         for k in (

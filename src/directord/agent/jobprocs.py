@@ -187,6 +187,50 @@ class _Tail:
                 self.on_output(name, rest.decode("utf-8", "replace"))
 
 
+class _Watch:
+    """Waits for one job process: its exit, its deadline, and (``--stream``) its output."""
+
+    def __init__(
+        self, pid: int, pidfd: int, files: ProcFiles, deadline: float | None, tail: _Tail | None
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pid = pid
+        self.pidfd = pidfd
+        self.files = files
+        self.tail = tail
+        self.timed_out = False
+        self.exited = self.loop.create_future()
+        self.loop.add_reader(pidfd, self._exited)
+        self.timer = (
+            self.loop.call_later(max(0.0, deadline - time.time()), self._expire)
+            if deadline is not None
+            else None
+        )
+        self.interval = TAIL_INTERVAL if tail is not None else CAP_INTERVAL
+        self.ticker = self.loop.call_later(self.interval, self._tick)
+
+    def _exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        _kill_group(self.pid)
+
+    def _tick(self) -> None:
+        if self.tail is not None:
+            self.tail.poll()
+        self.files.cap()
+        self.ticker = self.loop.call_later(self.interval, self._tick)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.ticker.cancel()
+
+
 async def _watch(
     pid: int,
     pidfd: int,
@@ -198,62 +242,22 @@ async def _watch(
 ) -> bool:
     """Wait until the process exits; kill its group at the deadline. True if it timed out.
 
-    Cancelled (the agent stops), the process is left running when ``leave()``
-    says so (the next agent collects it), and killed otherwise.
+    While it runs, its output files are cut back to MAX_CAPTURE every
+    CAP_INTERVAL. Cancelled (the agent stops), the process is left running when
+    ``leave()`` says so (the next agent collects it), and killed otherwise.
     """
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-
-    def on_exit() -> None:
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    timed_out = False
-
-    def expire() -> None:
-        nonlocal timed_out
-        timed_out = True
-        _kill_group(pid)
-
-    timer = None
-    if deadline is not None:
-        timer = loop.call_later(max(0.0, deadline - time.time()), expire)
-    ticker: asyncio.TimerHandle | None = None
-
-    def tick() -> None:
-        nonlocal ticker
-        assert tail is not None
-        tail.poll()
-        ticker = loop.call_later(TAIL_INTERVAL, tick)
-
-    if tail is not None:
-        ticker = loop.call_later(TAIL_INTERVAL, tick)
-    capper: asyncio.TimerHandle | None = None
-
-    def cap() -> None:
-        nonlocal capper
-        files.cap()
-        capper = loop.call_later(CAP_INTERVAL, cap)
-
-    capper = loop.call_later(CAP_INTERVAL, cap)
+    watch = _Watch(pid, pidfd, files, deadline, tail)
     try:
-        await exited
+        await watch.exited
     except asyncio.CancelledError:
         if not leave():
             _kill_group(pid)
         raise
     finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        if timer is not None:
-            timer.cancel()
-        if ticker is not None:
-            ticker.cancel()
-        capper.cancel()
+        watch.close()
     if tail is not None:
         tail.finish()
-    return timed_out
+    return watch.timed_out
 
 
 def _result(files: ProcFiles, rc: int | None, timed_out: bool) -> ProcessResult:
@@ -263,6 +267,11 @@ def _result(files: ProcFiles, rc: int | None, timed_out: bool) -> ProcessResult:
         stderr=files.read("stderr").decode("utf-8", "replace"),
         timed_out=timed_out,
     )
+
+
+def _read_head(fd: int) -> str:
+    """The first MAX_CAPTURE bytes of an output file, through the agent's own descriptor."""
+    return os.pread(fd, MAX_CAPTURE, 0).decode("utf-8", "replace")
 
 
 async def run_durable(
@@ -283,7 +292,8 @@ async def run_durable(
     caller is cancelled, whether the process is left running. ``again``: an
     earlier process of the job used these files (RUN --retry).
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    # Opened read-write: the agent reads the result through the same descriptors.
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
     out = os.open(files.out, flags, 0o600)
     try:
         err = os.open(files.err, flags, 0o600)
@@ -315,21 +325,27 @@ async def run_durable(
             ],
             setsid=True,
         )
+        pidfd = os.pidfd_open(pid)
+        if on_spawn is not None:
+            on_spawn(pid)
+        deadline = time.time() + timeout if timeout else None
+        tail = _Tail(files, on_output, from_end=False) if on_output is not None else None
+        try:
+            timed_out = await _watch(pid, pidfd, files, deadline=deadline, tail=tail, leave=leave)
+        except asyncio.CancelledError:
+            if not leave():
+                _reap(pid)
+            raise
+        rc = _reap(pid)
+        return ProcessResult(
+            rc=None if timed_out else rc,
+            stdout=_read_head(out),
+            stderr=_read_head(err),
+            timed_out=timed_out,
+        )
     finally:
         os.close(out)
         os.close(err)
-    pidfd = os.pidfd_open(pid)
-    if on_spawn is not None:
-        on_spawn(pid)
-    deadline = time.time() + timeout if timeout else None
-    tail = _Tail(files, on_output, from_end=False) if on_output is not None else None
-    try:
-        timed_out = await _watch(pid, pidfd, files, deadline=deadline, tail=tail, leave=leave)
-    except asyncio.CancelledError:
-        if not leave():
-            _reap(pid)
-        raise
-    return _result(files, _reap(pid), timed_out)
 
 
 async def reattach(
