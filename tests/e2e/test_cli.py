@@ -468,3 +468,22 @@ def test_no_wait_prints_job_ids(cluster: Cluster) -> None:
     proc = cluster.run("exec", "--verb", "RUN", f"echo {uid()}")
     [job_id] = proc.stdout.split()
     assert states(wait_job(cluster, job_id)) == dict.fromkeys(ALL, "success")
+
+
+def test_directord_style_targets_and_check(cluster: Cluster) -> None:
+    u = uid()
+    # Several IDs after one --target, at the end of an exec line, as Directord takes them.
+    reply = cluster.json(
+        "exec", "--verb", "RUN", f"echo {u}", "--wait", "--target", "node0", "node2"
+    )
+    assert sorted((r["node"], r["state"], r["stdout"]) for r in reply["results"]) == [
+        ("node0", "success", f"{u}\n"),
+        ("node2", "success", f"{u}\n"),
+    ]
+    # `orchestrate FILE --poll --check`, as Directord's own CI runs it: non-zero on a failure.
+    path = cluster.root / f"check-{u}.yaml"
+    path.write_text(f"- jobs:\n    - RUN: test {{{{ node_name }}}} != node1 || exit 4 # {u}\n")
+    proc = cluster.run("orchestrate", str(path), "--poll", "--check", rc=1)
+    assert re.search(r"FAILED node1: .* failed rc=4", proc.stderr), proc.stderr
+    path.write_text(f"- jobs:\n    - RUN: echo fine-{u}\n")
+    cluster.run("orchestrate", str(path), "--poll", "--check", "--target", "node0", "node1", rc=0)

@@ -144,9 +144,7 @@ def test_a_job_past_its_deadline_is_killed_when_reattached(files: ProcFiles) -> 
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.sleep(0.4)  # the deadline passes with nobody watching
-        return await reattach(
-            JOB, spawned[0], files, deadline=started + 0.3, leave=_never_leave
-        )
+        return await reattach(JOB, spawned[0], files, deadline=started + 0.3, leave=_never_leave)
 
     found = run(scenario())
     assert found is not None

@@ -297,10 +297,13 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     return out
 
 
-# Flags added since (issue 14: jobs that outlive the client).
+# Flags added since: jobs that outlive the client (issue 14), Directord's (issue 10).
 ADDED: dict[str, set[str]] = {
-    "directord": {"--on-stop", "--run-path"},
-    "client": {"--on-stop", "--run-path"},
+    "directord": {"--on-stop", "--run-path", "--zmq-highwater-mark"},
+    "server": {"--zmq-highwater-mark"},
+    "client": {"--on-stop", "--run-path", "--zmq-highwater-mark"},
+    "exec": {"--check"},
+    "orchestrate": {"--check"},
 }
 
 
@@ -324,3 +327,13 @@ def test_driver_flags_are_accepted_whatever_the_driver() -> None:
     argv += ["--messaging-ssl", "--job-port", "2", "--broker-namespace", "x"]
     ns = parser.parse_args(argv)
     assert (ns.nats_url, ns.grpc_port, ns.messaging_ssl, ns.job_port) == ("nats://n:1", 1, True, 2)
+
+
+def test_target_takes_several_ids_after_one_flag_as_directord_does() -> None:
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(
+        ["exec", "--verb", "RUN", "true", "--target", "a", "b", "--target", "c", "--wait"]
+    )
+    assert (ns.target, ns.args, extra, ns.wait) == (["a", "b", "c"], ["true"], [], True)
+    ns = parser.parse_args(["orchestrate", "f.yaml", "--target", "a", "b", "--poll", "--check"])
+    assert (ns.target, ns.files, ns.poll, ns.check) == (["a", "b"], ["f.yaml"], True, True)

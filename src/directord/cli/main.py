@@ -131,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="ID",
-        help="run on this node (repeatable); default every online node",
+        help="run on these nodes (--target a b, or repeated); default every online node",
     )
     p.add_argument("--force-async", action="store_true", help="run beside other orchestrations")
     mode = p.add_mutually_exclusive_group()
@@ -145,6 +146,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     mode.add_argument("--poll", action="store_true", help="print each result as it arrives")
     mode.add_argument("--stream", action="store_true", help="print output lines live")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="accepted for Directord's scripts: with --wait, --poll or --stream the "
+        "exit status is always non-zero when a job failed",
+    )
     p.add_argument(
         "--format", choices=("table", "json"), default="table", help="output format (table)"
     )

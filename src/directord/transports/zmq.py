@@ -137,6 +137,13 @@ class ZmqOptions(TransportOptions):
     zmq_key_dir: str = option(
         "/etc/directord", "holds public_keys/ and private_keys/", "server", "client"
     )
+    zmq_highwater_mark: int = option(
+        1000,
+        "messages ZeroMQ queues per peer in each direction before it holds back "
+        "(libzmq's high-water mark; 0: no limit)",
+        "server",
+        "client",
+    )
     zmq_rotation_grace: float = option(
         600.0,
         "seconds a rotated server key waits for clients still on the old key to leave",
@@ -144,6 +151,10 @@ class ZmqOptions(TransportOptions):
     )
 
     def check(self) -> None:
+        if self.zmq_highwater_mark < 0:
+            raise ConfigError(
+                "zmq_highwater_mark must be >= 0 (0: no limit)", key="zmq_highwater_mark"
+            )
         if self.zmq_shared_key_file and self.zmq_shared_key:
             raise ConfigError(
                 "zmq_shared_key and zmq_shared_key_file are both set; give one",
@@ -392,6 +403,7 @@ class ZmqTransport(Transport):
         # ROUTER), so under Curve a key holder can keep an offline node from coming
         # back (never impersonate it) while it stays connected; its refusal is logged.
         sock.router_handover = 0
+        sock.sndhwm = sock.rcvhwm = self.opts.zmq_highwater_mark
         sock.maxmsgsize = MAX_FRAME + 1024  # libzmq drops a peer that sends more
         sock.heartbeat_ivl = HEARTBEAT_MS
         sock.heartbeat_timeout = 3 * HEARTBEAT_MS
@@ -633,6 +645,7 @@ class ZmqTransport(Transport):
         identity = self.settings.resolved_identity()
         sock = self.ctx.socket(zmq.DEALER)
         sock.routing_id = identity.encode()
+        sock.sndhwm = sock.rcvhwm = s.zmq_highwater_mark
         sock.linger = 0
         sock.maxmsgsize = MAX_FRAME + 1024  # libzmq drops a peer that sends more
         sock.heartbeat_ivl = HEARTBEAT_MS
