@@ -239,3 +239,20 @@ def test_an_orchestration_file_error_names_file_and_line(tmp_path: Path) -> None
             await c.run("- jobs:\n    - ECHO: fine\n    - RUNN: typo\n")
 
     run(tmp_path, scenario, nodes=1)
+
+
+def test_stdout_arg_keeps_each_components_natural_output(tmp_path: Path) -> None:
+    workdir = tmp_path / "w{{ identity }}"
+    text = f"""- jobs:
+    - WORKDIR: --stdout-arg wrkdir {workdir}
+    - ARG: --stdout-arg copied color teal
+    - RUN: echo "{{{{ wrkdir }}}} {{{{ copied }}}}"
+"""
+
+    async def scenario(c: InProcessCluster) -> None:
+        parents, results = await c.run(text, targets=["node0"])
+        echo = parents[0]["jobs"][2]
+        assert results[echo]["node0"]["stdout"] == f"{tmp_path}/wnode0 teal\n"
+
+    run(tmp_path, scenario)
+    assert (tmp_path / "wnode0").is_dir()

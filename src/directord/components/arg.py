@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 from typing import Any, ClassVar
 
 import yaml
@@ -71,7 +72,8 @@ class Arg(Component):
             elif isinstance(old, dict) and isinstance(value, dict):
                 value = {**old, **value}
         ctx.update_cache(self.section, {key: value})
-        return Outcome.ok()
+        # The value stored is the output (`--stdout-arg` copies it under another key).
+        return Outcome.ok(value if isinstance(value, str) else json.dumps(value))
 
 
 class Env(Arg):

@@ -59,4 +59,5 @@ class Workdir(Component):
             await asyncio.to_thread(make_directory, path, uid, gid, mode)
         except (OSError, ValueError, ComponentError) as exc:
             return Outcome.fail(f"WORKDIR {path}: {exc}")
-        return Outcome.ok()
+        # The path is WORKDIR's output: `--stdout-arg KEY` keeps it for later jobs.
+        return Outcome.ok(path)
