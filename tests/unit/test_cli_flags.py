@@ -304,6 +304,7 @@ ADDED: dict[str, set[str]] = {
     "client": {"--on-stop", "--run-path", "--zmq-highwater-mark"},
     "exec": {"--check"},
     "orchestrate": {"--check"},
+    "manage": {"--cancel-job", "--cancel-parent", "--no-kill"},
 }
 
 

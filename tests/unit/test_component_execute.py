@@ -66,6 +66,10 @@ class FakeContext:
         self.ran.append(command)
         return self.shell.get(command, ProcessResult(127, "", f"sh: {command}: not found"))
 
+    def cancel_waiting(self) -> int:
+        self.evicted.append("waiting")
+        return 2
+
     async def fetch_file(
         self, index: int, dest: str, expected_sha256: str, size: int, **_: Any
     ) -> None:
@@ -144,6 +148,7 @@ ROWS = [
     Row("ENV", "PORT 8080", stdout="8080", after={"envs": {"PORT": "8080"}}),
     Row("CACHEEVICT", "args", after={"evicted": ["args"]}),
     Row("RESTART", "", stdout="client restarting", after={"restart": True}),
+    Row("QUEUESENTINEL", "", stdout="cancelled 2 waiting jobs", after={"evicted": ["waiting"]}),
     Row("QUERY", "--no-wait role", {"args": {"role": "db"}}, after={"reported": ["db"]}),
     Row(
         "QUERY_WAIT",

@@ -50,6 +50,7 @@ class Agent:
             on_stop=settings.on_stop,
         )
         self.lanes = Lanes(self.runner.run, self.runner.may_start)
+        self.runner.drop_waiting = self.lanes.drop_waiting
         self.started = time.time()
         self.registered = 0  # successful registrations (tests, ready file)
         self._stop_asked = asyncio.Event()  # SIGTERM / stop()
@@ -138,6 +139,7 @@ class Agent:
             self.cache,
             self.uplink,
             self.lanes,
+            self.runner,
             self._stop,
             self._registered,
             self.started,

@@ -179,6 +179,13 @@ class NodeCache:
             "INSERT INTO jobs VALUES (?, ?, 'queued', NULL, ?)", (job.id, encode(job), time.time())
         )
 
+    def add_cancelled(self, result: Result) -> None:
+        """Journal the result of a job cancelled before it arrived (it will never run)."""
+        self._w(
+            "INSERT OR REPLACE INTO jobs VALUES (?, NULL, 'done', ?, ?)",
+            (result.id, encode(result), time.time()),
+        )
+
     def set_running(self, job_id: str, started: float) -> None:
         """Journal that a job started (its deadline counts from ``started``)."""
         self._w("UPDATE jobs SET status='running', ts=? WHERE id=?", (started, job_id))

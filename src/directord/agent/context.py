@@ -37,6 +37,10 @@ class ProcessKeeper(Protocol):
         """Whether a cancelled job process is left running (the agent stops)."""
         ...
 
+    def cancel_waiting(self, reason: str) -> int:
+        """Cancel every job waiting in the lanes; returns how many."""
+        ...
+
 
 class JobContext:
     """Implements components.base.ExecContext for one job."""
@@ -190,6 +194,11 @@ class JobContext:
 
     def request_restart(self) -> None:
         self._on_restart(self.job_id)
+
+    def cancel_waiting(self) -> int:
+        if self._keeper is None:
+            return 0
+        return self._keeper.cancel_waiting(f"cancelled by QUEUESENTINEL job {self.job_id}")
 
     async def query_exchange(self, value: Any, wait: bool) -> dict[str, Any] | None:
         return await self._uplink.query_exchange(self.job_id, value, wait)

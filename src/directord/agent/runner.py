@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from directord.agent import jobprocs
@@ -84,7 +85,11 @@ class JobRunner:
         #: "leave" or "kill" once the agent stops; nothing new starts then
         self.stopping: str | None = None
         self._procs: dict[str, int] = {}  # job id -> pid of its running job process
-        self._killed: set[str] = set()  # jobs whose process the stop killed
+        #: jobs cancelled while they ran (a stop with kill, an operator): id -> why
+        self._cancelled: dict[str, str] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # job id -> the task running it
+        #: takes every waiting job out of the lanes (QUEUESENTINEL); set by the agent
+        self.drop_waiting: Callable[[], list[Job]] = list
         #: jobs an earlier agent left running: id -> (their start, their shell's pid)
         self._recovered: dict[str, tuple[float, int | None]] = {}
         self._active: set[str] = set()
@@ -123,9 +128,46 @@ class JobRunner:
         self.stopping = how
         if how == "kill":
             for job_id, pid in self._procs.items():
-                self._killed.add(job_id)
+                self._cancelled[job_id] = "the client stopped (--on-stop kill) and killed the job"
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+
+    def cancel_running(self, job_id: str, *, kill: bool, reason: str) -> bool:
+        """Cancel a job if it runs here now: True if it does.
+
+        With ``kill`` its task is cancelled (which kills its process group) and it
+        ends ``cancelled``; without, it is left to finish and report its result.
+        """
+        task = self._tasks.get(job_id)
+        if task is None:
+            return False
+        if kill:
+            self._cancelled[job_id] = reason
+            task.cancel()
+        return True
+
+    def report_cancelled(self, job_id: str, job: Job | None, reason: str) -> None:
+        """A job cancelled before it ran: journal and report ``cancelled``.
+
+        ``job`` is None when it has not arrived yet: the journal then holds the
+        result alone, so that the job, when it comes, is reported and never run.
+        """
+        result = Result(id=job_id, state=State.CANCELLED, stderr=reason, started=time.time())
+        if job is None:
+            self.cache.add_cancelled(result)
+        else:
+            self.cache.set_done(result)
+            if job.parent:
+                self.cache.set_parent_state(job.parent, "failed")
+        self.cache.commit()
+        self.uplink.post(result)
+
+    def cancel_waiting(self, reason: str) -> int:
+        """Cancel every job waiting in the lanes (QUEUESENTINEL); returns how many."""
+        dropped = self.drop_waiting()
+        for job in dropped:
+            self.report_cancelled(job.id, job, reason)
+        return len(dropped)
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait (bounded) until no job runs."""
@@ -144,10 +186,15 @@ class JobRunner:
         """Run one job and report its result (``more``: others wait behind it)."""
         self._active.add(job.id)
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks[job.id] = task
         try:
             await self._run(job, more)
         finally:
             self._procs.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+            self._cancelled.pop(job.id, None)
             self._active.discard(job.id)
             if not self._active:
                 self._idle.set()
@@ -157,32 +204,45 @@ class JobRunner:
         t0 = time.perf_counter()
         ended: float | None = None
         recovered = self._recovered.pop(job.id, None)
-        if recovered is not None:
-            started, pid = recovered
-            outcome, ended = await self._reattach(job, started, pid)
-            self.cache.set_sha_state(job.sha, str(outcome.state))
-        elif job.parent and self.cache.parent_failed(job.parent):
-            outcome = Outcome(
-                State.SKIPPED_PARENT,
-                None,
-                "",
-                "an earlier job of this orchestration failed on this node",
-            )
-        elif not job.skip_cache and self.cache.sha_state(job.sha) == str(State.SUCCESS):
-            outcome = Outcome(State.SKIPPED_CACHE, 0, "", "")
-        else:
-            self.cache.set_running(job.id, started)
-            self.cache.commit()
-            outcome = await self._execute(job)
-            self.cache.set_sha_state(job.sha, str(outcome.state))
-        if job.id in self._killed:
+        try:
+            if recovered is not None:
+                started, pid = recovered
+                outcome, ended = await self._reattach(job, started, pid)
+                self.cache.set_sha_state(job.sha, str(outcome.state))
+            elif job.parent and self.cache.parent_failed(job.parent):
+                outcome = Outcome(
+                    State.SKIPPED_PARENT,
+                    None,
+                    "",
+                    "an earlier job of this orchestration failed on this node",
+                )
+            elif not job.skip_cache and self.cache.sha_state(job.sha) == str(State.SUCCESS):
+                outcome = Outcome(State.SKIPPED_CACHE, 0, "", "")
+            else:
+                self.cache.set_running(job.id, started)
+                self.cache.commit()
+                outcome = await self._execute(job)
+                self.cache.set_sha_state(job.sha, str(outcome.state))
+        except asyncio.CancelledError:
+            # An operator's cancel (its process group is killed on the way); a stop
+            # of the agent, or anything else, goes on up.
+            task = asyncio.current_task()
+            if job.id not in self._cancelled or task is None or self.stopping is not None:
+                raise
+            task.uncancel()
+            self.cache.set_sha_state(job.sha, str(State.CANCELLED))
+            outcome = Outcome(State.CANCELLED, None, "", "")
+        if job.id in self._cancelled:
             outcome = Outcome(
                 State.CANCELLED,
                 None,
                 outcome.stdout,
-                _line(outcome.stderr, "the client stopped (--on-stop kill) and killed the job"),
+                _line(outcome.stderr, self._cancelled[job.id]),
             )
-        if job.parent:
+        # A failure (or a cancel) of any job of the orchestration here stays: a job
+        # that ends well afterwards (it ran beside, or before, a cancelled one) does
+        # not clear it.
+        if job.parent and not self.cache.parent_failed(job.parent):
             self.cache.set_parent_state(job.parent, "failed" if not outcome.state.ok else "running")
         result = Result(
             id=job.id,

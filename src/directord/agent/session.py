@@ -19,6 +19,7 @@ from typing import Any
 from directord import __version__
 from directord.agent.cache import NodeCache
 from directord.agent.lanes import Lanes
+from directord.agent.runner import JobRunner
 from directord.agent.uplink import Uplink
 from directord.config import Settings
 from directord.errors import ConnectionLost, ProtocolError, Refused
@@ -26,6 +27,7 @@ from directord.protocol import (
     FROM_SERVER,
     PROTOCOL_VERSION,
     Ack,
+    Cancel,
     Heartbeat,
     Hello,
     Job,
@@ -42,6 +44,8 @@ from directord.transports import Link, Transport
 
 log = logging.getLogger(__name__)
 WELCOME_TIMEOUT = 10.0
+#: Verbs that run at once, past every lane.
+RUN_AT_ONCE = frozenset({"QUEUESENTINEL"})
 
 
 class Session:
@@ -54,6 +58,7 @@ class Session:
         cache: NodeCache,
         uplink: Uplink,
         lanes: Lanes,
+        runner: JobRunner,
         stop: asyncio.Event,
         on_registered: Callable[[], None],
         started: float,
@@ -64,6 +69,7 @@ class Session:
         self.cache = cache
         self.uplink = uplink
         self.lanes = lanes
+        self.runner = runner
         self._stop = stop
         self._on_registered = on_registered
         self.started = started
@@ -72,6 +78,7 @@ class Session:
             ResultAck: lambda m: self.cache.set_acked(m.ids),
             Reply: self.uplink.on_reply,
             QueryData: self.uplink.on_query_data,
+            Cancel: self._on_cancel,
             Refuse: self._on_refuse,
             Welcome: self._on_second_welcome,
         }
@@ -185,13 +192,28 @@ class Session:
         status = self.cache.job_status(job.id)
         if status is None:
             self.cache.add_job(job)
-            self.lanes.enqueue(job)
+            if job.verb in RUN_AT_ONCE:
+                self.lanes.run_now(job)
+            else:
+                self.lanes.enqueue(job)
         elif status in ("done", "acked"):
             # The server re-sent a job we finished: report again, never re-run.
             result = self.cache.result_of(job.id)
             if result is not None:
                 self.uplink.post(result)
         return Ack(ids=[job.id])
+
+    def _on_cancel(self, cancel: Cancel) -> None:
+        """Drop the jobs that wait; kill (or, without ``kill``, leave) the ones running."""
+        reason = cancel.reason or "cancelled by an operator"
+        for job_id in cancel.ids:
+            if self.runner.cancel_running(job_id, kill=cancel.kill, reason=reason):
+                continue
+            status = self.cache.job_status(job_id)
+            if status is None:
+                self.runner.report_cancelled(job_id, None, reason)
+            elif status == "queued" and (job := self.lanes.drop(job_id)) is not None:
+                self.runner.report_cancelled(job_id, job, reason)
 
     def _on_refuse(self, refuse: Refuse) -> None:
         raise Refused(refuse.reason)

@@ -30,6 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dump-cache", action="store_true", help="print this machine's client cache (--cache-path)"
     )
+    g.add_argument(
+        "--cancel-job",
+        nargs="+",
+        metavar="ID",
+        help="cancel jobs (IDs or prefixes): waiting ones are dropped, running ones killed",
+    )
+    g.add_argument(
+        "--cancel-parent", nargs="+", metavar="ID", help="cancel every job of orchestration runs"
+    )
+    p.add_argument(
+        "--no-kill",
+        action="store_true",
+        help="with --cancel-*: leave running jobs to finish (cancel only those waiting)",
+    )
     p.add_argument(
         "--filter",
         choices=("success", "failed", "processing"),
@@ -71,6 +85,21 @@ async def _remote(ns: argparse.Namespace, settings: Settings) -> int:
         elif ns.job_info:
             info = await client.call("job_info", {"id": ns.job_info})
             print(to_json(info) if ns.format == "json" else _job_info(info))
+        elif ns.cancel_job or ns.cancel_parent:
+            reply = await client.call(
+                "cancel",
+                {
+                    "jobs": ns.cancel_job or [],
+                    "parents": ns.cancel_parent or [],
+                    "kill": not ns.no_kill,
+                },
+            )
+            if ns.format == "json":
+                print(to_json(reply))
+            else:
+                for job_id, targets in reply["cancelled"].items():
+                    for node, what in sorted(targets.items()):
+                        print(f"{job_id}  {node}  {what}")
         elif ns.purge_jobs or ns.purge_nodes:
             what = "jobs" if ns.purge_jobs else "nodes"
             reply = await client.call(f"purge_{what}")

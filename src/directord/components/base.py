@@ -128,6 +128,10 @@ class ExecContext(Protocol):
         """
         ...
 
+    def cancel_waiting(self) -> int:
+        """Cancel every job waiting on this node (QUEUESENTINEL); returns how many."""
+        ...
+
     async def fetch_file(
         self,
         index: int,

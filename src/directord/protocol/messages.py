@@ -10,7 +10,7 @@ Field names on the wire are short where they always were (``m``, ``p``,
 Node and server (one session per node)::
 
     node -> server   Hello, Heartbeat, Ack, Result, Output, Request, ParkedTaken, QueryReport
-    server -> node   Welcome, Refuse, Job, ResultAck, Reply, QueryData
+    server -> node   Welcome, Refuse, Job, ResultAck, Reply, QueryData, Cancel
 
 User and server (the API socket)::
 
@@ -164,6 +164,18 @@ class QueryData(Message, tag="qdata"):
     data: dict[str, dict[str, Any]]
 
 
+class Cancel(Message, tag="cancel"):
+    """An operator cancelled these jobs: drop them if they wait, kill them if they run.
+
+    With ``kill`` false a running job is left to finish. ``reason`` goes into
+    the ``cancelled`` result.
+    """
+
+    ids: list[Id]
+    kill: bool = True
+    reason: Name = ""
+
+
 # ---- user <-> server (the API) --------------------------------------------------------------
 class ApiRequest(Message, tag="req"):
     """A user's call of an API method."""
@@ -246,7 +258,7 @@ class Bye(Message, tag="bye"):
 
 
 NodeMessage = Hello | Heartbeat | Ack | Result | Output | Request | ParkedTaken | QueryReport
-ServerMessage = Welcome | Refuse | Job | ResultAck | Reply | QueryData
+ServerMessage = Welcome | Refuse | Job | ResultAck | Reply | QueryData | Cancel
 ApiServerMessage = ApiReply | ApiEvent | Bye
 
 _ENCODER = msgspec.msgpack.Encoder()

@@ -37,6 +37,8 @@ class ApiParts:
     submissions: Submissions
     #: where the server listens for nodes (for ``ping``)
     address: Callable[[], str]
+    #: cancels jobs (Dispatcher.cancel)
+    cancel: Callable[..., dict[str, dict[str, str]]]
 
 
 class ApiMethods:
@@ -55,6 +57,7 @@ class ApiMethods:
             "purge_jobs": self.purge_jobs,
             "purge_nodes": self.purge_nodes,
             "analyze": self.analyze,
+            "cancel": self.cancel,
         }
 
     async def call(self, method: str, params: dict[str, Any], uploads: UploadSession) -> Any:
@@ -149,6 +152,27 @@ class ApiMethods:
                 raise ConfigError(f"no orchestration {wanted!r}", key="analyze-parent")
             return analysis.analyze([book.jobs[j] for j in parent.jobs if j in book.jobs])
         return analysis.analyze(list(book.jobs.values()))
+
+    async def cancel(self, params: dict[str, Any], uploads: UploadSession) -> dict[str, Any]:
+        """Cancel jobs (``jobs``: ids or prefixes) or whole orchestration runs (``parents``)."""
+        book = self.parts.jobs
+        job_ids: list[str] = []
+        for wanted in _listed(params.get("jobs")):
+            job = book.resolve(str(wanted))
+            if job is None:
+                raise ConfigError(f"no job {wanted!r}", key="cancel-job")
+            job_ids.append(job.id)
+        for wanted in _listed(params.get("parents")):
+            parent = book.parents.get(str(wanted))
+            if parent is None:
+                matches = [p for k, p in book.parents.items() if k.startswith(str(wanted))]
+                parent = matches[0] if len(matches) == 1 else None
+            if parent is None:
+                raise ConfigError(f"no orchestration {wanted!r}", key="cancel-parent")
+            job_ids.extend(j for j in parent.jobs if j in book.jobs)
+        kill = params.get("kill", True) is not False
+        reason = "cancelled by an operator" + ("" if kill else " (running jobs left to finish)")
+        return {"cancelled": self.parts.cancel(job_ids, kill=kill, reason=reason)}
 
     async def watch(self, rid: int | None, params: dict[str, Any], send: Send) -> None:
         """Stream the results (and output) of jobs until every one has ended."""

@@ -100,6 +100,7 @@ class Server:
                 files=self.files,
                 submissions=self.submissions,
                 address=lambda: self.address,
+                cancel=self.dispatcher.cancel,
             )
         )
         self.api = APIServer(settings, methods, self.files, activated.get("api"))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from directord.models import State
-from directord.protocol import Hello, Message, encode
+from directord.protocol import Cancel, Hello, Message, encode
 from directord.server.jobs import JobBook
 from directord.server.nodes import NodeRegistry
 from directord.server.parking import ParkingLot
@@ -60,6 +60,8 @@ class Dispatcher:
         self._on_target_final = on_target_final
         self._heartbeat = heartbeat_interval
         self._sweeper: asyncio.Task[None] | None = None
+        #: cancels for nodes away while holding the job: identity -> job id -> (kill, reason)
+        self._cancels: dict[str, dict[str, tuple[bool, str]]] = {}
 
     def start(self) -> None:
         """Start the sweeper."""
@@ -81,6 +83,38 @@ class Dispatcher:
         session.post_packed(encode(message))
         return True
 
+    def cancel(
+        self, job_ids: Iterable[str], *, kill: bool, reason: str
+    ) -> dict[str, dict[str, str]]:
+        """Cancel jobs on every target where they have not ended: ``{job: {node: what}}``.
+
+        A target whose node does not hold the job (never sent: queued here, or
+        parked in the broker, which the node only takes when its welcome lists
+        it) is ``cancelled`` here at once. A node that holds it, or may (sent),
+        is told (``asked``): it drops the job if it waits, kills it if it runs
+        (unless not ``kill``), and reports. A node away now is told when it
+        comes back; a job its client starts before that runs.
+        """
+        what: dict[str, dict[str, str]] = {}
+        asks: dict[str, list[str]] = {}
+        for job_id in job_ids:
+            job = self._jobs.jobs[job_id]
+            for identity, target in job.results.items():
+                if target.state.final:
+                    what.setdefault(job_id, {})[identity] = target.state.value
+                elif target.state is State.QUEUED and target.sent is None:
+                    self._jobs.finish(identity, target, State.CANCELLED, stderr=reason)
+                    self._on_target_final(job_id)
+                    what.setdefault(job_id, {})[identity] = State.CANCELLED.value
+                else:
+                    asks.setdefault(identity, []).append(job_id)
+                    what.setdefault(job_id, {})[identity] = "asked"
+        for identity, ids in asks.items():
+            if not self.send_to(identity, Cancel(ids=ids, kill=kill, reason=reason)):
+                owed = self._cancels.setdefault(identity, {})
+                owed.update(dict.fromkeys(ids, (kill, reason)))
+        return what
+
     def deliver(self, records: Iterable[JobRecord]) -> None:
         """Send new jobs to their targets, or park them for the absent ones."""
         for job in records:
@@ -98,6 +132,8 @@ class Dispatcher:
         Jobs in ``parked`` (listed in its welcome) it takes from the broker.
         """
         identity = session.identity
+        for job_id, (kill, reason) in self._cancels.pop(identity, {}).items():
+            session.post_packed(encode(Cancel(ids=[job_id], kill=kill, reason=reason)))
         known = set(hello.known)
         for target in self._jobs.delivered_to(identity):
             if target.job_id not in known:

@@ -1,0 +1,29 @@
+"""QUEUESENTINEL: cancel every job still waiting on the node, at once.
+
+It runs as soon as the node receives it, past the lanes (a node busy with a
+long queue still obeys it at once). Every job waiting in a lane there ends
+``cancelled``, naming this job as the reason; jobs already running are left
+alone (``manage --cancel-job`` kills those).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from directord.components.base import Component, ExecContext, Outcome
+from directord.errors import ComponentArgsError
+
+
+class QueueSentinel(Component):
+    """``QUEUESENTINEL``."""
+
+    verb: ClassVar[str] = "QUEUESENTINEL"
+    summary: ClassVar[str] = "Cancel every job still waiting on the node, at once."
+
+    def validate(self, options: dict[str, Any]) -> None:
+        if options["argv"]:
+            raise ComponentArgsError("QUEUESENTINEL takes no arguments")
+
+    async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:
+        cancelled = ctx.cancel_waiting()
+        return Outcome.ok(f"cancelled {cancelled} waiting jobs")
