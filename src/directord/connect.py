@@ -6,13 +6,14 @@ Example::
 
     with DirectordConnect("/run/directord.sock") as conn:
         ids = conn.orchestrate([{"jobs": [{"RUN": "uptime"}]}])
-        ok, info = conn.poll(ids[0])
+        ok, info = conn.wait(ids[0])
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -379,23 +380,45 @@ async def collect(client: APIClient, parents: list[str]) -> dict[str, dict[str, 
 class DirectordConnect:
     """Synchronous library access to a directord server (a context manager).
 
+    Scripts written for Directord's library run unchanged: its constructor
+    arguments are accepted and its methods (``orchestrate``, ``poll``,
+    ``list_nodes``, ``list_jobs``, ``purge_nodes``, ``purge_jobs``) return
+    its shapes. The richer forms have their own names: ``wait``, ``nodes``,
+    ``jobs``, ``job_info``, ``purge``, ``submit``.
+
     Args:
         socket_path: the server's API socket (``--socket-path``).
         api_url: ``tls://HOST:PORT`` to reach the API over TCP instead.
         ca: the CA certificate (PEM) that signed the server's, for ``api_url``.
         cert: this operator's certificate (PEM), for ``api_url``.
         key: its private key (PEM), for ``api_url``.
+        debug: log directord's library at DEBUG level (Directord's argument).
+        driver: accepted for Directord's scripts and ignored: the library talks
+            to the API, whatever driver the nodes use.
+        force_async: run every orchestration submitted here beside the others
+            (``--force-async``).
     """
 
     def __init__(
         self,
-        socket_path: str = DEFAULT_SOCKET,
+        socket_path: str | bool = DEFAULT_SOCKET,
         *,
         api_url: str = "",
         ca: str = "",
         cert: str = "",
         key: str = "",
+        debug: bool = False,
+        driver: str = "",
+        force_async: bool = False,
     ) -> None:
+        if isinstance(socket_path, bool):
+            # Directord's first positional argument is `debug`; a path is never a bool.
+            debug, socket_path = socket_path, DEFAULT_SOCKET
+        if debug:
+            logging.getLogger("directord").setLevel(logging.DEBUG)
+            if not logging.getLogger().handlers:
+                logging.basicConfig(level=logging.DEBUG)
+        self.force_async = force_async
         if api_url:
             from directord.security.tls import client_tls_context
 
@@ -446,7 +469,7 @@ class DirectordConnect:
                 targets=targets,
                 restrict=restrict,
                 ignore_cache=ignore_cache,
-                force_async=force_async,
+                force_async=force_async or self.force_async,
                 stream=stream,
             )
         )
@@ -475,7 +498,7 @@ class DirectordConnect:
         )
         return [job for parent in parents for job in parent["jobs"]]
 
-    def poll(self, job_id: str, timeout: float | None = None) -> tuple[bool, dict[str, Any]]:
+    def wait(self, job_id: str, timeout: float | None = None) -> tuple[bool, dict[str, Any]]:
         """Wait for a job to end everywhere; return (every target ok, job info).
 
         Raises:
@@ -496,28 +519,56 @@ class DirectordConnect:
         ok = all(r["state"] in ("success", "skipped-cache") for r in info["results"].values())
         return ok, info
 
-    def list_nodes(self) -> list[dict[str, Any]]:
-        """Every known node with its status."""
+    def poll(self, job_id: str, timeout: float = 600.0) -> tuple[bool | None, str]:
+        """Directord's poll: wait for a job; ``(True, "Job Success: ID")``, or ``False``.
+
+        After ``timeout`` seconds it returns ``(None, "Job in an unknown state:
+        ID")``, as Directord's does. ``wait`` gives the job's whole record.
+        """
+        try:
+            ok, _ = self.wait(job_id, timeout)
+        except JobTimeout:
+            return None, f"Job in an unknown state: {job_id}"
+        return (True, f"Job Success: {job_id}") if ok else (False, f"Job Failed: {job_id}")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every known node with its status (the rows of ``manage --list-nodes``)."""
         nodes: list[dict[str, Any]] = self._call("nodes")
         return nodes
 
-    def list_jobs(self, filter: str | None = None) -> list[dict[str, Any]]:
+    def list_nodes(self) -> list[str]:
+        """Directord's list_nodes: the identities of the nodes online now."""
+        return [n["identity"] for n in self.nodes() if n["status"] == "online"]
+
+    def jobs(self, filter: str | None = None) -> list[dict[str, Any]]:
         """Every job's summary (optionally only success / failed / processing)."""
         jobs: list[dict[str, Any]] = self._call("jobs", {"filter": filter})
         return jobs
+
+    def list_jobs(self) -> dict[str, dict[str, Any]]:
+        """Directord's list_jobs: every job's summary, keyed by job id."""
+        return {job["id"]: job for job in self.jobs()}
 
     def job_info(self, job_id: str) -> dict[str, Any]:
         """Everything about one job (``last`` for the newest)."""
         info: dict[str, Any] = self._call("job_info", {"id": job_id})
         return info
 
-    def purge_nodes(self) -> int:
-        """Forget offline nodes; returns how many."""
-        return int(self._call("purge_nodes")["purged"])
+    def purge(self, what: str) -> int:
+        """Forget finished ``jobs`` or offline ``nodes``; returns how many."""
+        if what not in ("jobs", "nodes"):
+            raise ValueError(f"purge what? {what!r} (jobs or nodes)")
+        return int(self._call(f"purge_{what}")["purged"])
 
-    def purge_jobs(self) -> int:
-        """Forget finished jobs; returns how many."""
-        return int(self._call("purge_jobs")["purged"])
+    def purge_nodes(self) -> bool:
+        """Directord's purge_nodes: forget offline nodes; True once done."""
+        self.purge("nodes")
+        return True
+
+    def purge_jobs(self) -> bool:
+        """Directord's purge_jobs: forget finished jobs; True once done."""
+        self.purge("jobs")
+        return True
 
 
 __all__ = ["APIClient", "DirectordConnect", "ProtocolError", "collect"]
