@@ -299,9 +299,9 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 # Flags added since: jobs that outlive the client (issue 14), Directord's (issue 10).
 ADDED: dict[str, set[str]] = {
-    "directord": {"--on-stop", "--run-path", "--zmq-highwater-mark"},
-    "server": {"--zmq-highwater-mark"},
-    "client": {"--on-stop", "--run-path", "--zmq-highwater-mark"},
+    "directord": {"--on-stop", "--run-path", "--zmq-highwater-mark", "--messaging-address"},
+    "server": {"--zmq-highwater-mark", "--messaging-address"},
+    "client": {"--on-stop", "--run-path", "--zmq-highwater-mark", "--messaging-address"},
     "exec": {"--check"},
     "orchestrate": {"--check"},
     "manage": {"--cancel-job", "--cancel-parent", "--no-kill"},

@@ -21,8 +21,9 @@ class QueueSentinel(Component):
     summary: ClassVar[str] = "Cancel every job still waiting on the node, at once."
 
     def validate(self, options: dict[str, Any]) -> None:
-        if options["argv"]:
-            raise ComponentArgsError("QUEUESENTINEL takes no arguments")
+        # Directord's takes one word ("activate the queue sentinel"): accepted, unused.
+        if len(options["argv"]) > 1:
+            raise ComponentArgsError("QUEUESENTINEL takes at most one (unused) argument")
 
     async def execute(self, options: dict[str, Any], ctx: ExecContext) -> Outcome:
         cancelled = ctx.cancel_waiting()

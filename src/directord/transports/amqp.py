@@ -44,7 +44,7 @@ import logging
 import ssl
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from directord.config import (
     Settings,
@@ -78,6 +78,12 @@ class AmqpOptions(BrokerOptions):
         "server",
         "client",
     )
+    messaging_address: str = option(
+        "",
+        "host of the RabbitMQ server (Directord's flag): replaces the host of --messaging-url",
+        "server",
+        "client",
+    )
     messaging_password_file: str = option(
         "",
         "file holding the RabbitMQ password, private to its owner; replaces the URL's",
@@ -101,6 +107,16 @@ class AmqpOptions(BrokerOptions):
             self.messaging_url, password, "messaging_url", "messaging_password_file", path
         )
         return replace(self, messaging_url=url)
+
+
+def _with_host(url: str, host: str) -> str:
+    """``url`` with its host replaced (its login and port kept)."""
+    parts = urlsplit(url)
+    login = parts.netloc.rpartition("@")[0]
+    netloc = (login + "@" if login else "") + (f"[{host}]" if ":" in host else host)
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _import_aio_pika() -> None:
@@ -128,7 +144,12 @@ class AmqpTransport(BrokerTransport):
 
     def __init__(self, settings: Settings, options: AmqpOptions | None = None) -> None:
         _import_aio_pika()
-        self.opts = options if options is not None else settings.options(AmqpOptions)
+        opts = options if options is not None else settings.options(AmqpOptions)
+        if opts.messaging_address:
+            opts = replace(
+                opts, messaging_url=_with_host(opts.messaging_url, opts.messaging_address)
+            )
+        self.opts = opts
         super().__init__(settings, self.opts)
         self._conn: Any = None
         self._channel: Any = None
