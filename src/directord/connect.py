@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +39,8 @@ from directord.protocol import FROM_API, ApiEvent, ApiReply, ApiRequest, Bye, Fr
 DEFAULT_SOCKET = "/var/run/directord.sock"
 #: Bytes per ``file_put`` (the server takes at most this much at once).
 UPLOAD_CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 def _readable(writer: asyncio.StreamWriter) -> bool:
@@ -192,7 +195,15 @@ class APIClient:
             APIError: the server refused (its ``kind`` names the server-side error).
             ServerUnavailable: the socket is unreachable or closed.
         """
+        started = time.perf_counter()
         _, reply = await self._first(method, params or {})
+        ok = isinstance(reply, ApiReply) and reply.ok
+        log.debug(
+            "API %s: %s in %.1f ms",
+            method,
+            "ok" if ok else "refused",
+            (time.perf_counter() - started) * 1000,
+        )
         if isinstance(reply, ApiReply) and reply.ok:
             return reply.result
         raise _refusal(reply)

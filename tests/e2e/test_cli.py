@@ -487,3 +487,7 @@ def test_directord_style_targets_and_check(cluster: Cluster) -> None:
     assert re.search(r"FAILED node1: .* failed rc=4", proc.stderr), proc.stderr
     path.write_text(f"- jobs:\n    - RUN: echo fine-{u}\n")
     cluster.run("orchestrate", str(path), "--poll", "--check", "--target", "node0", "node1", rc=0)
+    # --debug is honoured by user commands too: they log their API calls.
+    proc = cluster.run("--debug", "manage", "--list-nodes")
+    assert re.search(r"DEBUG directord\.connect: API nodes: ok in [0-9.]+ ms", proc.stderr)
+    assert "DEBUG" not in cluster.run("manage", "--list-nodes").stderr

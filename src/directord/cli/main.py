@@ -177,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(ns)
         command = ns.command
+        if settings.debug and command not in ("server", "client"):
+            # The daemons set up their own logging; a user command logs its API calls.
+            from directord.log import configure_logging
+
+            configure_logging(True, "directord")
         if command == "server" and ns.zmq_generate_keys:
             from directord.cli.keys import generate_keys
             from directord.transports.zmq import ZmqOptions
