@@ -61,7 +61,7 @@ def job_results(reply: dict[str, Any], index: int) -> dict[str, dict[str, Any]]:
 def poll_job(cluster: Cluster, job_id: str, timeout: float = DEADLINE) -> dict[str, Any]:
     """Wait (pushed results, no sleeps) until a job ended on every target; its job info."""
     with DirectordConnect(cluster.socket_path) as conn:
-        _, info = conn.poll(job_id, timeout=timeout)
+        _, info = conn.wait(job_id, timeout=timeout)
     return info
 
 

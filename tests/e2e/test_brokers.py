@@ -412,7 +412,7 @@ def assert_parked_job_runs(c: Cluster, identity: str) -> None:
     [parent] = c.json("exec", "--verb", "RUN", f"echo parked-{tok}", "--target", identity)
     c.start_client(identity)
     with DirectordConnect(c.socket_path) as conn:
-        ok, info = conn.poll(parent["jobs"][0], timeout=DEADLINE)
+        ok, info = conn.wait(parent["jobs"][0], timeout=DEADLINE)
     result = info["results"][identity]
     assert ok and result["stdout"].strip() == f"parked-{tok}", result
     assert_came_from_the_broker(c, identity, 1)
@@ -466,7 +466,7 @@ def test_job_for_an_offline_node_runs_when_it_returns(make_cluster: Any, driver:
         assert conn.job_info(job_id)["results"]["node1"]["state"] == "queued"
         assert not ran.exists()
         c.start_client("node1")
-        ok, info = conn.poll(job_id, timeout=DEADLINE)
+        ok, info = conn.wait(job_id, timeout=DEADLINE)
     r = info["results"]["node1"]
     assert ok and r["state"] == "success", r
     assert r["stdout"].strip() == f"done-{tok}"
@@ -493,7 +493,7 @@ def test_parked_jobs_still_come_from_the_broker_after_a_server_restart(
     c.start_client("node1")
     with DirectordConnect(c.socket_path) as conn:
         for job_id in parent["jobs"]:
-            ok, info = conn.poll(job_id, timeout=DEADLINE)
+            ok, info = conn.wait(job_id, timeout=DEADLINE)
             assert ok and info["results"]["node1"]["state"] == "success", info
     assert ran.read_text() == "first\nsecond\n"  # once each, in order
     assert_came_from_the_broker(c, "node1", 2, driver)
@@ -512,7 +512,7 @@ def test_a_parked_job_past_its_deadline_never_runs(make_cluster: Any, driver: st
     parked = f"{c.namespace}.parked.node1"
     wait_for(lambda: parked_count(c, driver, parked) == 1, "the job to be parked", DEADLINE)
     with DirectordConnect(c.socket_path) as conn:
-        ok, info = conn.poll(parent["jobs"][0], timeout=DEADLINE)
+        ok, info = conn.wait(parent["jobs"][0], timeout=DEADLINE)
     assert not ok and info["results"]["node1"]["state"] == "undelivered", info
     # Back after the deadline: the server no longer owes the job, so it never runs,
     # although its message is still in the broker.
@@ -551,7 +551,7 @@ def test_a_forged_parked_job_never_runs(make_cluster: Any) -> None:
     asyncio.run(_nats_replace_parked(c, subject, job_id, encode_batch([job])))
     c.start_client("node1")
     with DirectordConnect(c.socket_path) as conn:
-        ok, info = conn.poll(job_id, timeout=DEADLINE)
+        ok, info = conn.wait(job_id, timeout=DEADLINE)
     assert ok and info["results"]["node1"]["state"] == "success", info
     assert ran.read_text() == f"{tok}\n" and not forged.exists()
     assert "digest mismatch" in c.log("node1").read_text()
@@ -683,7 +683,7 @@ def test_broker_restart_mid_orchestration_loses_and_repeats_nothing(
     for identity in c.identities:
         c.wait_registered(identity, 2)
     with DirectordConnect(c.socket_path) as conn:
-        infos = [conn.poll(job_id, timeout=180.0)[1] for job_id in job_ids]
+        infos = [conn.wait(job_id, timeout=180.0)[1] for job_id in job_ids]
     bad = [
         (i["id"], n, r["state"], r["stderr"])
         for i in infos

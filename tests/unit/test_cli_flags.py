@@ -338,3 +338,24 @@ def test_target_takes_several_ids_after_one_flag_as_directord_does() -> None:
     assert (ns.target, ns.args, extra, ns.wait) == (["a", "b", "c"], ["true"], [], True)
     ns = parser.parse_args(["orchestrate", "f.yaml", "--target", "a", "b", "--poll", "--check"])
     assert (ns.target, ns.files, ns.poll, ns.check) == (["a", "b"], ["f.yaml"], True, True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "targets", "args"),
+    [
+        (["--target", "node2", "echo hi"], ["node2"], ["echo hi"]),
+        (["--target", "a", "b", "echo hi", "--wait"], ["a", "b"], ["echo hi"]),
+        (["--target", "node2", "--timeout 60 sleep 1"], ["node2"], ["--timeout 60 sleep 1"]),
+        (["echo hi", "--target", "a", "b"], ["a", "b"], ["echo hi"]),
+        # A one-word command right after --target is an ID: the server refuses it.
+        (["--target", "a", "uptime"], ["a", "uptime"], []),
+    ],
+)
+def test_exec_finds_its_command_among_the_target_ids(
+    argv: list[str], targets: list[str], args: list[str]
+) -> None:
+    from directord.cli.main import _command_after_target
+
+    ns, extra = build_parser().parse_known_args(["exec", "--verb", "RUN", *argv])
+    _command_after_target(ns)
+    assert (ns.target, ns.args, extra) == (targets, args, [])

@@ -18,6 +18,7 @@ from directord.errors import (
     OrchestrationError,
     ServerUnavailable,
 )
+from directord.security.identities import identity_problem
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 SCOPES = {
@@ -165,10 +166,29 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     return load_settings(flags, secrets=ns.command in ("server", "client"))
 
 
+def _command_after_target(ns: argparse.Namespace) -> None:
+    """``exec --target node2 'echo hi'``: the command is not a node.
+
+    ``--target`` takes several IDs, as Directord's does, so the words after it
+    are IDs until an option. The first one that cannot be a node's identity
+    (a command with a space, say) starts the command again: it and what
+    follows go back in front of the verb's arguments. A one-word command right
+    after ``--target`` stays an ID, and an unknown node is refused, never run.
+    """
+    targets: list[str] = ns.target
+    for i, value in enumerate(targets):
+        if identity_problem(value) is not None:
+            ns.args = targets[i:] + ns.args
+            ns.target = targets[:i]
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
+    if ns.command == "exec":
+        _command_after_target(ns)
     if extra:
         if ns.command != "exec":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
