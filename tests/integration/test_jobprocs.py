@@ -227,3 +227,27 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_a_process_of_another_user_naming_the_job_is_not_taken_for_it(
+    files: ProcFiles, tmp_path: Path
+) -> None:
+    # A local user starts a session leader whose environment claims this job.
+    impostor = subprocess.Popen(
+        ["sleep", "30"],
+        env={"DIRECTORD_JOB_ID": JOB, "PATH": os.environ["PATH"]},
+        start_new_session=True,
+        user=65534,
+        group=65534,
+        extra_groups=[],
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not Path(f"/proc/{impostor.pid}").exists():
+            time.sleep(0.01)
+        assert JOB not in find_job_processes()
+        assert run(reattach(JOB, impostor.pid, files, deadline=None, leave=_never_leave)) is None
+        assert impostor.poll() is None  # not waited for, not killed
+    finally:
+        impostor.kill()
+        impostor.wait()

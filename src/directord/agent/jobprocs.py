@@ -133,8 +133,14 @@ def find_job_processes() -> dict[str, int]:
 
 
 def _job_of(pid: int) -> str | None:
-    """The job id ``pid`` was started for, if it is a job shell (a session leader)."""
+    """The job id ``pid`` was started for, if it is a job shell (a session leader).
+
+    Only a process of this agent's own user counts: another local user could
+    start a session leader whose environment names a job, never one of ours.
+    """
     try:
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return None
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
         fields = stat[stat.rindex(b")") + 2 :].split()
