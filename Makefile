@@ -6,6 +6,7 @@
 #   make fuzz    the hypothesis fuzzers against live listeners, long (5000 examples each)
 #   make check   ruff lint, ruff format check, mypy --strict
 #   make bench   the throughput benchmark (bench/throughput.py)
+#   make soak    30 minutes of orchestrations under SIGKILLs (bench/soak.py)
 #
 # Every target first makes sure .venv exists and holds directord with its dev
 # dependencies; it is rebuilt when pyproject.toml changes. Only python3 (>= 3.11,
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 # cores halve the run (each module, with its clusters, stays on one worker).
 PYTEST_WORKERS ?= 4
 
-.PHONY: all demo test fuzz setup check bench venv clean
+.PHONY: all demo test fuzz setup check bench soak venv clean
 
 all: check test
 
@@ -59,6 +60,12 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# Mixed orchestrations while clients and the server are SIGKILLed (30 minutes by
+# default; SOAK_ARGS='--minutes 2' for a short one). Exits 1 if a job ran twice,
+# out of order, or never ended.
+soak: $(STAMP) setup
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # The documentation site from docs/ and mkdocs.yml into site/; --strict makes a
 # broken link or anchor an error. Nothing is fetched from the network.
