@@ -78,6 +78,31 @@ def _load_user_components(directory: str) -> None:
                 and getattr(obj, "verb", None)
             ):
                 _REGISTRY.setdefault(obj.verb.upper(), obj)
+        _register_directord_component(file, module)
+
+
+def _register_directord_component(file: Path, module: Any) -> None:
+    """A file written for Directord: its class ``Component``; its verb, the file's name."""
+    legacy_class = vars(module).get("Component")
+    if not isinstance(legacy_class, type):
+        return
+    from directord.components.legacy import ComponentBase, adapt
+
+    if issubclass(legacy_class, ComponentBase) and legacy_class is not ComponentBase:
+        verb = file.stem.upper()
+        if verb.startswith("BUILTIN_"):
+            verb = verb[len("BUILTIN_") :]
+        _REGISTRY.setdefault(verb, adapt(verb, legacy_class))
+
+
+def __getattr__(name: str) -> Any:
+    # `from directord import components; components.ComponentBase`, as in Directord,
+    # without importing the compatibility layer for every command.
+    if name == "ComponentBase":
+        from directord.components.legacy import ComponentBase
+
+        return ComponentBase
+    raise AttributeError(name)
 
 
 def _registry() -> dict[str, type[Component]]:
