@@ -146,6 +146,20 @@ class Settings:
         "sqlite or file datastore, else /var/lib/directord/files)",
         "server",
     )
+    components_path: str = option(
+        "/etc/directord/components",
+        "directory of your own component files: the server and the CLI read them, and the "
+        "server ships each to the nodes that run it",
+        "server",
+        "client",
+        "user",
+    )
+    local_components: bool = option(
+        False,
+        "the client also runs component files from its own --components-path (by default "
+        "only those its server ships)",
+        "client",
+    )
     run_path: str = option(
         "",
         "directory where running jobs write their output and exit status, which outlive "

@@ -109,6 +109,8 @@ class JobSpec:
     #: the job's files; ``sources`` says where they are on the submitting machine
     files: tuple[FileRef, ...] = ()
     sources: tuple[SourceFile, ...] = ()
+    #: a user's component: the file the server ships to the nodes
+    component: FileRef | None = None
 
 
 class JobWire(TypedDict, total=False):

@@ -78,7 +78,7 @@ def test_a_directord_component_runs_on_a_node(greet: None, tmp_path: Path) -> No
     async def scenario(c: InProcessCluster) -> None:
         parents, results = await c.run(text, targets=["node0"])
         _, ok, echo, bad = parents[0]["jobs"]
-        assert results[ok]["node0"]["state"] == State.SUCCESS
+        assert results[ok]["node0"]["state"] == State.SUCCESS, results[ok]["node0"]["stderr"]
         assert results[ok]["node0"]["stdout"] == "hello world from lab\n"
         # --stdout-arg kept its output; what it wrote to the cache is there too.
         assert results[echo]["node0"]["stdout"] == "hello world from lab / world\n"

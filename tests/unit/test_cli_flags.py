@@ -299,12 +299,26 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 # Flags added since: jobs that outlive the client (issue 14), Directord's (issue 10).
 ADDED: dict[str, set[str]] = {
-    "directord": {"--on-stop", "--run-path", "--zmq-highwater-mark", "--messaging-address"},
-    "server": {"--zmq-highwater-mark", "--messaging-address"},
-    "client": {"--on-stop", "--run-path", "--zmq-highwater-mark", "--messaging-address"},
-    "exec": {"--check"},
-    "orchestrate": {"--check"},
-    "manage": {"--cancel-job", "--cancel-parent", "--no-kill"},
+    "directord": {
+        "--on-stop",
+        "--run-path",
+        "--zmq-highwater-mark",
+        "--messaging-address",
+        "--components-path",
+        "--local-components",
+    },
+    "server": {"--zmq-highwater-mark", "--messaging-address", "--components-path"},
+    "client": {
+        "--on-stop",
+        "--run-path",
+        "--zmq-highwater-mark",
+        "--messaging-address",
+        "--components-path",
+        "--local-components",
+    },
+    "exec": {"--check", "--components-path"},
+    "orchestrate": {"--check", "--components-path"},
+    "manage": {"--cancel-job", "--cancel-parent", "--no-kill", "--components-path"},
 }
 
 

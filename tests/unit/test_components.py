@@ -605,7 +605,7 @@ def test_a_broken_user_component_is_skipped_and_logged(
         "    async def execute(self, options, ctx):\n"
         "        raise NotImplementedError\n"
     )
-    monkeypatch.setattr(registry, "USER_COMPONENT_DIR", str(tmp_path))
+    monkeypatch.setattr(registry, "_USER_DIR", str(tmp_path))
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_INSTANCES", {})
     registry.preload()  # does not raise: the daemon starts with what loads
@@ -648,7 +648,7 @@ def test_user_components_load_only_from_files_no_one_else_can_write(
     os.chown(folder / "other.py", 65534, 65534)  # the tests run as root, as the agent does
     _user_component(tmp_path / "target.py", "VIALINK")
     (folder / "link.py").symlink_to(tmp_path / "target.py")
-    monkeypatch.setattr(registry, "USER_COMPONENT_DIR", str(folder))
+    monkeypatch.setattr(registry, "_USER_DIR", str(folder))
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_INSTANCES", {})
     verbs = known_verbs()
@@ -670,7 +670,7 @@ def test_a_components_directory_others_can_write_is_skipped_whole(
     folder.mkdir()
     _user_component(folder / "good.py", "INOPENDIR")
     folder.chmod(0o777)
-    monkeypatch.setattr(registry, "USER_COMPONENT_DIR", str(folder))
+    monkeypatch.setattr(registry, "_USER_DIR", str(folder))
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_INSTANCES", {})
     assert "INOPENDIR" not in known_verbs()

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +37,10 @@ from directord.agent.cache import NodeCache
 from directord.agent.context import JobContext
 from directord.agent.executor import OutputCallback
 from directord.agent.uplink import Uplink
-from directord.components import get_component
-from directord.components.base import Outcome
-from directord.errors import ConfigError, DirectordError
-from directord.models import State
+from directord.components import MAX_COMPONENT_BYTES, get_component, shipped_component
+from directord.components.base import Component, Outcome
+from directord.errors import ComponentError, ConfigError, DirectordError
+from directord.models import FileRef, State
 from directord.protocol import Job, Output, Result
 from directord.security.private import private_directory
 
@@ -93,6 +95,7 @@ class JobRunner:
         #: jobs an earlier agent left running: id -> (their start, their shell's pid)
         self._recovered: dict[str, tuple[float, int | None]] = {}
         self._active: set[str] = set()
+        self._verified: set[str] = set()  # SHA-256 of component files checked on disk
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -323,7 +326,10 @@ class JobRunner:
         options = dict(job.options)
         ctx = JobContext(job, self.identity, self.cache, self.uplink, self.request_restart, self)
         try:
-            component = get_component(job.verb)
+            if job.component is not None:
+                component = await self._shipped_component(job, job.component)
+            else:
+                component = get_component(job.verb)
             locked = component.needs_lock or bool(options.get("force_lock"))
             async with self._lock if locked else contextlib.nullcontext():
                 # asyncio.timeout, unlike wait_for, costs no extra task per job.
@@ -344,6 +350,36 @@ class JobRunner:
         if outcome.state.ok:
             self._capture(options, outcome)
         return outcome
+
+    async def _shipped_component(self, job: Job, ref: FileRef) -> Component:
+        """A user's component from the server: fetched once, checked, kept by its SHA-256.
+
+        Raises:
+            ComponentError: the file the server sent does not match the job's checksum.
+            ComponentArgsError: it does not define the job's verb, or fails to load.
+        """
+        folder = Path(self.cache.path).parent / "components"
+        path = folder / f"{ref.sha256}.py"
+        if ref.sha256 not in self._verified:
+            if not _file_has(path, ref.sha256):
+                reply = await self.uplink.request("component", {"job": job.id})
+                data = reply.get("data") if isinstance(reply, dict) else None
+                if (
+                    not isinstance(data, bytes)
+                    or len(data) > MAX_COMPONENT_BYTES
+                    or hashlib.sha256(data).hexdigest() != ref.sha256
+                ):
+                    raise ComponentError(
+                        f"component file {ref.name} from the server does not match its checksum"
+                    )
+                private_directory(folder, tighten=True)
+                fd, tmp = tempfile.mkstemp(prefix=".component-", dir=folder)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+                log.info("job %s: received component %s (%s)", job.id, ref.name, ref.sha256[:12])
+            self._verified.add(ref.sha256)
+        return shipped_component(job.verb, ref, path)
 
     def _capture(self, options: dict[str, object], outcome: Outcome) -> None:
         """``--stdout-arg`` / ``--stderr-arg``: keep what a successful job printed."""
@@ -372,6 +408,14 @@ class JobRunner:
         # Same PID, fresh process image: systemd or any supervisor sees no exit. The
         # journal brings back every job still queued. orig_argv keeps `-m directord`.
         os.execv(sys.executable, sys.orig_argv)
+
+
+def _file_has(path: Path, sha256: str) -> bool:
+    """Whether the file at ``path`` exists with this SHA-256."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
+        return False
 
 
 def _line(text: str, line: str) -> str:

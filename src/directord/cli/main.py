@@ -183,6 +183,18 @@ def _command_after_target(ns: argparse.Namespace) -> None:
             return
 
 
+def _choose_components(command: str, settings: Settings) -> None:
+    """Where users' component files come from: a client runs only what its server ships."""
+    if command not in ("server", "client", "exec", "orchestrate", "demo"):
+        return  # no job is built or run here
+    from directord.components import use_components_from
+
+    if command == "client":
+        use_components_from(settings.components_path if settings.local_components else None)
+    else:
+        use_components_from(settings.components_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
@@ -197,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(ns)
         command = ns.command
+        _choose_components(command, settings)
         if settings.debug and command not in ("server", "client"):
             # The daemons set up their own logging; a user command logs its API calls.
             from directord.log import configure_logging

@@ -1,15 +1,19 @@
 """Component registry and job building.
 
 Components register through the ``directord.components`` entry-point group
-(the built-ins are declared the same way in our pyproject). User components:
-Python files in ``/etc/directord/components`` defining a :class:`Component`
-subclass are loaded too, when that directory and the file are owned by root
-(or by the service's user) and writable by no one else.
+(the built-ins are declared the same way in our pyproject). Users' component
+files (ours, or written for Directord) are read from ``--components-path``
+when that directory and the file are owned by root (or by the service's
+user) and writable by no one else: by the server and the CLI, and by a
+client only with ``--local-components``. The server ships each file to the
+nodes whose jobs use it (a job carries its file's ``FileRef``), and a node
+loads what it received with :func:`shipped_component`.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -27,8 +31,31 @@ __all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs",
 
 log = logging.getLogger(__name__)
 USER_COMPONENT_DIR = "/etc/directord/components"
+#: A component file the server ships to the nodes may be at most this large.
+MAX_COMPONENT_BYTES = 1024 * 1024
 _REGISTRY: dict[str, type[Component]] = {}
 _INSTANCES: dict[str, Component] = {}
+#: where this process reads users' component files (None: nowhere)
+_USER_DIR: str | None = USER_COMPONENT_DIR
+#: users' component files read here: verb -> (file name, content); the server ships them
+_SOURCES: dict[str, tuple[str, bytes]] = {}
+#: components received from the server, by the SHA-256 of their file
+_SHIPPED: dict[str, Component] = {}
+
+
+def use_components_from(directory: str | None) -> None:
+    """Read users' component files from ``directory`` (None: from nowhere).
+
+    Called before the first job is built or run: the server and the CLI read
+    ``--components-path``; a client only with ``--local-components``, as it
+    otherwise runs only the component files its server ships.
+    """
+    global _USER_DIR
+    if directory != _USER_DIR:
+        _USER_DIR = directory
+        _REGISTRY.clear()
+        _INSTANCES.clear()
+        _SOURCES.clear()
 
 
 def _untrusted(path: Path) -> str | None:
@@ -60,39 +87,97 @@ def _load_user_components(directory: str) -> None:
         if problem:
             log.error("skipped component file %s: %s", file, problem)
             continue
-        spec = importlib.util.spec_from_file_location(f"directord_user_{file.stem}", file)
-        if spec is None or spec.loader is None:
-            continue
-        module = importlib.util.module_from_spec(spec)
         try:
-            spec.loader.exec_module(module)
+            content = file.read_bytes()
+        except OSError as exc:
+            log.error("skipped component file %s: %s", file, exc.strerror)
+            continue
+        if len(content) > MAX_COMPONENT_BYTES:
+            log.error("skipped component file %s: over %d bytes", file, MAX_COMPONENT_BYTES)
+            continue
+        try:
+            found = _components_in(file, f"directord_user_{file.stem}")
         except Exception as exc:
             # One bad file must not take every verb (or the daemon) down with it.
             log.error("skipped component file %s: %s: %s", file, type(exc).__name__, exc)
             continue
-        for obj in vars(module).values():
-            if (
-                isinstance(obj, type)
-                and issubclass(obj, Component)
-                and obj is not Component
-                and getattr(obj, "verb", None)
-            ):
-                _REGISTRY.setdefault(obj.verb.upper(), obj)
-        _register_directord_component(file, module)
+        for verb, cls in found.items():
+            if verb not in _REGISTRY:
+                _REGISTRY[verb] = cls
+                _SOURCES[verb] = (file.name, content)
 
 
-def _register_directord_component(file: Path, module: Any) -> None:
-    """A file written for Directord: its class ``Component``; its verb, the file's name."""
+def _components_in(
+    file: Path, module_name: str, file_name: str | None = None
+) -> dict[str, type[Component]]:
+    """The components a Python file defines, by verb (ours, or one written for Directord).
+
+    A Directord component's verb is its file's name: ``file_name`` when the file
+    is kept under another (a shipped one, under its hash).
+    """
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        return {}
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found: dict[str, type[Component]] = {}
+    for obj in vars(module).values():
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, Component)
+            and obj is not Component
+            and getattr(obj, "verb", None)
+            and obj.__module__ == module_name
+        ):
+            found.setdefault(obj.verb.upper(), obj)
     legacy_class = vars(module).get("Component")
-    if not isinstance(legacy_class, type):
-        return
-    from directord.components.legacy import ComponentBase, adapt
+    if isinstance(legacy_class, type) and not issubclass(legacy_class, Component):
+        # A file written for Directord: its class `Component`; its verb, the file's name.
+        from directord.components.legacy import ComponentBase, adapt
 
-    if issubclass(legacy_class, ComponentBase) and legacy_class is not ComponentBase:
-        verb = file.stem.upper()
-        if verb.startswith("BUILTIN_"):
-            verb = verb[len("BUILTIN_") :]
-        _REGISTRY.setdefault(verb, adapt(verb, legacy_class))
+        if issubclass(legacy_class, ComponentBase) and legacy_class is not ComponentBase:
+            verb = Path(file_name or file.name).stem.upper().removeprefix("BUILTIN_")
+            found.setdefault(verb, adapt(verb, legacy_class))
+    return found
+
+
+def source_of(verb: str) -> FileRef | None:
+    """The file of a user's component this process read (what the server ships), if any."""
+    source = _SOURCES.get(verb.upper())
+    if source is None:
+        return None
+    name, content = source
+    return FileRef(name, len(content), hashlib.sha256(content).hexdigest())
+
+
+def source_content(verb: str, sha256: str) -> bytes | None:
+    """The content of ``verb``'s component file, if it is still the one with ``sha256``."""
+    source = _SOURCES.get(verb.upper())
+    if source is None or hashlib.sha256(source[1]).hexdigest() != sha256:
+        return None
+    return source[1]
+
+
+def shipped_component(verb: str, ref: FileRef, path: Path) -> Component:
+    """The component ``verb`` from the file the server shipped (saved at ``path``).
+
+    Raises:
+        ComponentArgsError: the file does not define ``verb``, or fails to load.
+    """
+    inst = _SHIPPED.get(ref.sha256)
+    if inst is not None and inst.verb == verb.upper():
+        return inst
+    try:
+        found = _components_in(path, f"directord_shipped_{ref.sha256[:32]}", ref.name)
+    except Exception as exc:
+        raise ComponentArgsError(
+            f"component {ref.name} from the server fails to load: {type(exc).__name__}: {exc}"
+        ) from None
+    cls = found.get(verb.upper())
+    if cls is None:
+        raise ComponentArgsError(f"component file {ref.name} from the server defines no {verb}")
+    inst = _SHIPPED[ref.sha256] = cls()
+    return inst
 
 
 def __getattr__(name: str) -> Any:
@@ -114,7 +199,8 @@ def _registry() -> dict[str, type[Component]]:
                 log.error(
                     "skipped component %s (%s): %s: %s", ep.name, ep.value, type(exc).__name__, exc
                 )
-        _load_user_components(USER_COMPONENT_DIR)
+        if _USER_DIR is not None:
+            _load_user_components(_USER_DIR)
     return _REGISTRY
 
 
@@ -215,4 +301,5 @@ def build_job(
         vars=dict(job_vars or {}),
         files=refs,
         sources=tuple(sources),
+        component=source_of(verb),
     )

@@ -140,6 +140,8 @@ class Job(Message, tag="job"):
     stream: bool = False
     vars: dict[str, Any] = {}
     files: list[FileRef] = []
+    #: a user's component: its file, which the node asks the server for (``component``)
+    component: FileRef | None = None
 
 
 class ResultAck(Message, tag="rack"):

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from directord.components import get_component
+from directord.components import get_component, source_content
 from directord.components.base import ServerHook, ServerJob
 from directord.errors import ComponentArgsError, OrchestrationError
 from directord.models import State
@@ -56,6 +56,8 @@ class ComponentHooks:
                 does not answer; the text goes back to the node.
         """
         job = self._own_job(node, params.get("job"), f"asked {method[:40]!r} about")
+        if method == "component":
+            return self._component(job)
         hook = self._hook(job.verb)
         if hook is None or method not in hook.requests:
             raise OrchestrationError(f"{job.verb} jobs answer no {method!r} request", path="<node>")
@@ -78,6 +80,22 @@ class ComponentHooks:
         hook = self._hook(job.verb) if job is not None else None
         if job is not None and hook is not None:
             hook.on_target_final(job)
+
+    def _component(self, job: JobRecord) -> dict[str, bytes]:
+        """The file of a job's user component, for a node that does not have it yet."""
+        ref = job.spec.component
+        if ref is None:
+            raise OrchestrationError(
+                f"{job.verb} is not a component the server ships", path="<node>"
+            )
+        content = source_content(job.verb, ref.sha256)
+        if content is None:
+            raise OrchestrationError(
+                f"the server no longer has component file {ref.name} as it was for this job"
+                " (changed or removed since)",
+                path="<node>",
+            )
+        return {"data": content}
 
     def _own_job(self, node: str, job_id: object, doing: str) -> JobRecord:
         job = self._jobs.jobs.get(job_id) if isinstance(job_id, str) else None

@@ -171,6 +171,7 @@ class JobRecord:
             stream=self.stream,
             vars=spec.vars,
             files=list(spec.files),
+            component=spec.component,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +195,7 @@ class JobRecord:
             "order": self.order,
             "targets": self.targets,
             "files": [f.to_dict() for f in spec.files],
+            "component": spec.component.to_dict() if spec.component is not None else None,
             "query": self.query,
             "query_done": self.query_done,
         }
@@ -220,6 +222,7 @@ class JobRecord:
             name=data.get("name", ""),
             vars=data.get("vars") or {},
             files=files,
+            component=_component_ref(data.get("component")),
         )
         return cls(
             id=data["id"],
@@ -261,3 +264,10 @@ class JobRecord:
         data["results"] = {k: r.to_dict() for k, r in self.results.items()}
         data.update({k: v for k, v in self.summary().items() if k not in data})
         return data
+
+
+def _component_ref(data: object) -> FileRef | None:
+    """The stored file of a job's user component, if it has one (and it is whole)."""
+    if not isinstance(data, dict) or not {"name", "size", "sha256"} <= data.keys():
+        return None
+    return FileRef(str(data["name"]), int(data["size"]), str(data["sha256"]))
