@@ -57,3 +57,30 @@ def test_queuesentinel_and_cancel_parent_no_kill(make_cluster: Callable[..., Clu
     assert pid_alive(pid) and states(job_info(cluster, one)) == {"node0": "delivered"}
     cluster.run("manage", "--cancel-job", one)
     assert states(wait_job(cluster, one)) == {"node0": "cancelled"}
+
+
+def test_a_cancel_for_an_absent_node_survives_a_server_restart(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(nodes=1)
+    gate = cluster.root / "gate"
+    token = uid()
+    marker, log = cluster.root / f"{token}.pid", cluster.root / f"{token}.log"
+    path = cluster.root / f"{token}.yaml"
+    path.write_text(
+        "- jobs:\n"
+        f"    - RUN: echo $$ > {marker}; while [ ! -e {gate} ]; do sleep 0.05; done\n"
+        f"    - RUN: echo two >> {log}\n"
+    )
+    [parent] = submit(cluster, "orchestrate", str(path), "--target", "node0")
+    one, two = parent["jobs"]
+    wait_for(lambda: marker.exists() and marker.read_text().endswith("\n"), "step 1 to start")
+    cluster.stop_process("node0")  # SIGTERM: step 1 is left running, step 2 waits
+    assert cluster.run("manage", "--cancel-job", two).stdout.split() == [two, "node0", "asked"]
+    cluster.stop_process("server")
+    cluster.start_server()
+    cluster.start_client("node0")
+    assert states(wait_job(cluster, two)) == {"node0": "cancelled"}
+    gate.touch()
+    assert states(wait_job(cluster, one)) == {"node0": "success"}
+    assert not log.exists()

@@ -60,8 +60,6 @@ class Dispatcher:
         self._on_target_final = on_target_final
         self._heartbeat = heartbeat_interval
         self._sweeper: asyncio.Task[None] | None = None
-        #: cancels for nodes away while holding the job: identity -> job id -> (kill, reason)
-        self._cancels: dict[str, dict[str, tuple[bool, str]]] = {}
 
     def start(self) -> None:
         """Start the sweeper."""
@@ -93,7 +91,8 @@ class Dispatcher:
         it) is ``cancelled`` here at once. A node that holds it, or may (sent),
         is told (``asked``): it drops the job if it waits, kills it if it runs
         (unless not ``kill``), and reports. A node away now is told when it
-        comes back; a job its client starts before that runs.
+        comes back (the request is stored with the job, so a server restart
+        keeps it); a job its client starts before that runs.
         """
         what: dict[str, dict[str, str]] = {}
         asks: dict[str, list[str]] = {}
@@ -111,8 +110,11 @@ class Dispatcher:
                     what.setdefault(job_id, {})[identity] = "asked"
         for identity, ids in asks.items():
             if not self.send_to(identity, Cancel(ids=ids, kill=kill, reason=reason)):
-                owed = self._cancels.setdefault(identity, {})
-                owed.update(dict.fromkeys(ids, (kill, reason)))
+                # Told when it comes back; stored, so a server restart keeps it owed.
+                for job_id in ids:
+                    job = self._jobs.jobs[job_id]
+                    job.cancels[identity] = [kill, reason]
+                    self._jobs.store(job)
         return what
 
     def deliver(self, records: Iterable[JobRecord]) -> None:
@@ -132,8 +134,7 @@ class Dispatcher:
         Jobs in ``parked`` (listed in its welcome) it takes from the broker.
         """
         identity = session.identity
-        for job_id, (kill, reason) in self._cancels.pop(identity, {}).items():
-            session.post_packed(encode(Cancel(ids=[job_id], kill=kill, reason=reason)))
+        self._owed_cancels(session)
         known = set(hello.known)
         for target in self._jobs.delivered_to(identity):
             if target.job_id not in known:
@@ -155,6 +156,16 @@ class Dispatcher:
             log.info("node %s: sending %d queued jobs", identity, direct)
         if parked:
             log.info("node %s: %d jobs wait for it in the broker", identity, len(parked))
+
+    def _owed_cancels(self, session: Session) -> None:
+        """Tell a node that came back about the cancels made while it was away."""
+        identity = session.identity
+        for job in self._jobs.pending_jobs(identity):
+            owed = job.cancels.pop(identity, None)
+            if owed is not None:
+                kill, reason = owed
+                session.post_packed(encode(Cancel(ids=[job.id], kill=kill, reason=reason)))
+                self._jobs.store(job)
 
     def parked_taken(self, session: Session, missing: list[str]) -> None:
         """The node took its parked jobs; send over the session those it did not find."""

@@ -179,6 +179,10 @@ class JobBook:
         log.info("orchestration %s (%s): %d jobs queued", parent.id, name or "-", len(records))
         return parent, records
 
+    def store(self, job: JobRecord) -> None:
+        """Persist a job's record after a change (its results are stored apart)."""
+        self._persister.put(JOBS, job.id, job)
+
     def queued_for(self, identity: str) -> list[JobRecord]:
         """Jobs waiting to be sent to a node, in submission order."""
         jobs = [
@@ -187,6 +191,10 @@ class JobBook:
             if t.state is State.QUEUED
         ]
         return sorted(jobs, key=lambda j: j.order)
+
+    def pending_jobs(self, identity: str) -> list[JobRecord]:
+        """Jobs that have not ended on a node."""
+        return [self.jobs[t.job_id] for t in self.pending.get(identity, {}).values()]
 
     def delivered_to(self, identity: str) -> list[TargetRecord]:
         """Targets a node acknowledged but has not finished."""

@@ -118,6 +118,8 @@ class JobRecord:
     targets: list[str] = field(default_factory=list)
     query: dict[str, Any] = field(default_factory=dict)
     query_done: bool = False
+    #: cancels owed to nodes that were away: identity -> [kill, reason]
+    cancels: dict[str, list[Any]] = field(default_factory=dict)
     results: dict[str, TargetRecord] = field(default_factory=dict)
 
     # The spec's fields, read often enough to be named here.
@@ -198,6 +200,7 @@ class JobRecord:
             "component": spec.component.to_dict() if spec.component is not None else None,
             "query": self.query,
             "query_done": self.query_done,
+            "cancels": self.cancels,
         }
 
     @classmethod
@@ -236,6 +239,11 @@ class JobRecord:
             targets=list(data.get("targets") or []),
             query=dict(data.get("query") or {}),
             query_done=bool(data.get("query_done")),
+            cancels={
+                str(k): [bool(v[0]), str(v[1])]
+                for k, v in dict(data.get("cancels") or {}).items()
+                if isinstance(v, list) and len(v) == 2
+            },
         )
 
     def summary(self) -> dict[str, Any]:
