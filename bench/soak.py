@@ -31,17 +31,9 @@ from typing import Any
 from directord.connect import DirectordConnect
 from directord.errors import DirectordError
 from directord.localcluster import LocalCluster
+from directord.models import State
 
-FINAL = {
-    "success",
-    "failed",
-    "timeout",
-    "skipped-cache",
-    "skipped-parent",
-    "undelivered",
-    "lost",
-    "cancelled",
-}
+FINAL = frozenset(s.value for s in State if s.final)
 MAX_IN_FLIGHT = 12  # orchestrations submitted and not yet ended everywhere
 
 

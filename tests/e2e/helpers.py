@@ -13,21 +13,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from directord.models import State
 from tests.conftest import Cluster
 
 T = TypeVar("T")
-FINAL = frozenset(
-    {
-        "success",
-        "failed",
-        "timeout",
-        "skipped-cache",
-        "skipped-parent",
-        "undelivered",
-        "lost",
-        "cancelled",
-    }
-)
+FINAL = frozenset(s.value for s in State if s.final)
 DEADLINE = 30.0
 
 

@@ -96,3 +96,30 @@ def test_its_own_arguments_are_checked_and_its_help_shown(greet: None) -> None:
         components.build_job("GREET", "true", prepare=False)
     job = components.build_job("GREET", "--timeout 5 --name x true", prepare=False)
     assert job.timeout == 5.0 and job.options["job"]["name"] == "x"
+
+
+def test_a_node_gets_only_the_component_file_of_its_own_job(greet: None, tmp_path: Path) -> None:
+    async def scenario(c: InProcessCluster) -> None:
+        parents, _ = await c.run("- jobs:\n    - GREET: --name x true\n", targets=["node0"])
+        [job] = parents[0]["jobs"]
+        with pytest.raises(OrchestrationError, match="no such job for this node"):
+            await c.server.hooks.request("node1", "component", {"job": job})
+        reply = await c.server.hooks.request("node0", "component", {"job": job})
+        assert reply == {"data": GREET.encode()}
+
+    run(tmp_path, scenario, nodes=2)
+
+
+def test_an_oversized_component_file_is_never_loaded_nor_shipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "big"
+    folder.mkdir(mode=0o755)
+    big = folder / "bloat.py"
+    big.write_text(GREET + "#" * components.MAX_COMPONENT_BYTES)
+    big.chmod(0o644)
+    components._registry()
+    components._load_user_components(str(folder))
+    assert "BLOAT" not in components.known_verbs()
+    assert components.source_of("BLOAT") is None
+    assert "over 1048576 bytes" in caplog.text
