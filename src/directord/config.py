@@ -174,6 +174,11 @@ class Settings:
         "client",
         choices=("leave", "kill"),
     )
+    reboot_command: str = option(
+        "shutdown -r now",
+        "the shell command a REBOOT job runs on the node, after its SECONDS",
+        "client",
+    )
     machine_id: str = option(
         "", "machine id reported by the client (default /etc/machine-id)", "client"
     )
@@ -222,6 +227,12 @@ class Settings:
     job_timeout_grace: float = option(
         5.0,
         "seconds beyond a job's timeout before the server calls it lost/undelivered",
+        "server",
+    )
+    reboot_grace: float = option(
+        600.0,
+        "seconds past a REBOOT's own that the server waits for the node to come back; its "
+        "jobs wait as long, then end undelivered/lost",
         "server",
     )
 
@@ -555,6 +566,8 @@ def load_settings(
         raise ConfigError(
             "heartbeat_interval must be a finite number > 0", key="heartbeat_interval"
         )
+    if not 0 <= settings.reboot_grace < math.inf:
+        raise ConfigError("reboot_grace must be a finite number >= 0", key="reboot_grace")
     return settings
 
 

@@ -297,7 +297,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     return out
 
 
-# Flags added since: jobs that outlive the client (issue 14), Directord's (issue 10).
+# Flags added since: jobs that outlive the client (issue 14), Directord's (issue 10),
+# REBOOT's; and the commands added since, bootstrap and unit-file (issue 10).
 ADDED: dict[str, set[str]] = {
     "directord": {
         "--on-stop",
@@ -306,8 +307,15 @@ ADDED: dict[str, set[str]] = {
         "--messaging-address",
         "--components-path",
         "--local-components",
+        "--reboot-command",
+        "--reboot-grace",
     },
-    "server": {"--zmq-highwater-mark", "--messaging-address", "--components-path"},
+    "server": {
+        "--zmq-highwater-mark",
+        "--messaging-address",
+        "--components-path",
+        "--reboot-grace",
+    },
     "client": {
         "--on-stop",
         "--run-path",
@@ -315,18 +323,35 @@ ADDED: dict[str, set[str]] = {
         "--messaging-address",
         "--components-path",
         "--local-components",
+        "--reboot-command",
     },
     "exec": {"--check", "--components-path"},
     "orchestrate": {"--check", "--components-path"},
     "manage": {"--cancel-job", "--cancel-parent", "--no-kill", "--components-path"},
+    "bootstrap": {
+        "--catalog",
+        "--config-file",
+        "--connect-timeout",
+        "--debug",
+        "--help",
+        "--insecure-host-keys",
+        "--key-file",
+        "--known-hosts",
+        "--socket-path",
+        "--step-timeout",
+        "--threads",
+        "-h",
+    },
+    "unit-file": {"--help", "-h"},
 }
 
 
 def test_every_command_has_the_flags_it_had() -> None:
     parsers = _parsers()
-    assert set(parsers) == set(EXPECTED)
+    assert set(parsers) == set(EXPECTED) | set(ADDED)
     for command, parser in parsers.items():
-        assert _option_strings(parser) == EXPECTED[command] | ADDED.get(command, set()), command
+        wanted = EXPECTED.get(command, set()) | ADDED.get(command, set())
+        assert _option_strings(parser) == wanted, command
 
 
 @pytest.mark.parametrize("command", ["directord", "server", "client"])

@@ -2,8 +2,7 @@
 
 DIRECTORD_0_12 lists, per place, the option strings of ``directord --help``
 and of each subcommand's help in Directord 0.12.0 (its main.py and its
-drivers' parse_args), as facts to check against. ``bootstrap`` is the one
-subcommand not here yet; docs/directord.md says so.
+drivers' parse_args), as facts to check against.
 """
 
 from __future__ import annotations
@@ -64,6 +63,7 @@ DIRECTORD_0_12: dict[str, list[str]] = {
         "--stream",
         "--check",
     ],
+    "bootstrap": ["--catalog", "--key-file", "--threads"],
     "exec": ["--verb", "--target", "--poll", "--wait", "--stream", "--check", "--force-async"],
     "manage": [
         "--filter",

@@ -670,3 +670,23 @@ def test_cli_bad_input_is_one_line_naming_the_file(cli, tmp_path: Path) -> None:
     assert f"{cli.pki_dir / 'ca.key'}: not an unencrypted PEM private key" in err
     code, _, err = cli("issue", "bad name")
     assert code == 2 and "invalid certificate name" in err
+
+
+def test_cli_sign_with_name_refuses_a_request_for_another_name(
+    cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bootstrap signs a host's request only for that host's name: node1 cannot get node2's."""
+    assert cli("init")[0] == 0
+    node_dir = tmp_path / "node-pki"
+    config = tmp_path / "config.yaml"
+    assert (
+        main(["--config-file", str(config), "pki", "--pki-dir", str(node_dir), "csr", "node2"]) == 0
+    )
+    csr = node_dir / "csr" / "node2.csr"
+    capsys.readouterr()
+    code, out, err = cli("sign", "--name", "node1", str(csr))
+    assert code == 1 and out == ""
+    assert err.strip() == (f"directord: {csr}: the request is for 'node2', not 'node1'; not signed")
+    assert not (cli.pki_dir / "certs" / "node2.crt").exists()
+    code, out, _ = cli("sign", "--name", "node2", str(csr))
+    assert code == 0 and (cli.pki_dir / "certs" / "node2.crt").exists()

@@ -48,6 +48,7 @@ class Agent:
             self.uplink,
             run_path=settings.resolved_run_path(),
             on_stop=settings.on_stop,
+            reboot_command=settings.reboot_command,
         )
         self.lanes = Lanes(self.runner.run, self.runner.may_start)
         self.runner.drop_waiting = self.lanes.drop_waiting

@@ -41,6 +41,10 @@ class ProcessKeeper(Protocol):
         """Cancel every job waiting in the lanes; returns how many."""
         ...
 
+    def request_reboot(self, job_id: str, delay: float) -> None:
+        """Reboot the node ``delay`` seconds after this job's result is acknowledged."""
+        ...
+
 
 class JobContext:
     """Implements components.base.ExecContext for one job."""
@@ -194,6 +198,11 @@ class JobContext:
 
     def request_restart(self) -> None:
         self._on_restart(self.job_id)
+
+    def request_reboot(self, delay: float) -> None:
+        if self._keeper is None:
+            raise ComponentError("this client cannot reboot the node")
+        self._keeper.request_reboot(self.job_id, delay)
 
     def cancel_waiting(self) -> int:
         if self._keeper is None:

@@ -6,7 +6,10 @@ cache is not bypassed (``skipped-cache``). Otherwise its component runs under
 the job's timeout, holding the node's lock if it asks for it. The result is
 journalled before it is sent, so a crash never loses it; ``--stdout-arg`` and
 ``--stderr-arg`` keep what a successful job printed as cached args. A RESTART
-job re-executes the client once its result is acknowledged.
+job re-executes the client once its result is acknowledged. A REBOOT job
+runs the reboot command (``--reboot-command``) its seconds after that; if the
+command fails, or the machine is still up the job's ``--timeout`` after it,
+the client re-executes itself instead, so the jobs it holds run.
 
 A RUN job's shell outlives the agent (jobprocs.py). A job that was running
 when the previous agent went away is re-attached in its lane, ahead of the
@@ -32,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from directord.agent import jobprocs
+from directord.agent import executor, jobprocs
 from directord.agent.cache import NodeCache
 from directord.agent.context import JobContext
 from directord.agent.executor import OutputCallback
@@ -70,11 +73,13 @@ class JobRunner:
         *,
         run_path: str | Path,
         on_stop: str = "leave",
+        reboot_command: str = "shutdown -r now",
     ) -> None:
         self.identity = identity
         self.cache = cache
         self.uplink = uplink
         self.on_stop = on_stop
+        self.reboot_command = reboot_command
         self.procs_dir = str(run_path)
         try:
             private_directory(self.procs_dir, tighten=True)
@@ -83,6 +88,8 @@ class JobRunner:
         self._lock = asyncio.Lock()
         #: the RESTART job whose acknowledgement re-executes the client
         self.restart_after: str | None = None
+        #: the REBOOT job whose acknowledgement reboots the node, and its delay
+        self.reboot_after: tuple[str, float] | None = None
         self._restart: asyncio.Task[None] | None = None
         #: "leave" or "kill" once the agent stops; nothing new starts then
         self.stopping: str | None = None
@@ -100,12 +107,16 @@ class JobRunner:
         self._idle.set()
 
     def may_start(self) -> bool:
-        """False once the agent stops or a RESTART waits: nothing new starts."""
-        return self.restart_after is None and self.stopping is None
+        """False once the agent stops or a RESTART or REBOOT waits: nothing new starts."""
+        return self.restart_after is None and self.reboot_after is None and self.stopping is None
 
     def request_restart(self, job_id: str) -> None:
         """Re-execute the client once this job's result is acknowledged."""
         self.restart_after = job_id
+
+    def request_reboot(self, job_id: str, delay: float) -> None:
+        """Reboot the node ``delay`` seconds after this job's result is acknowledged."""
+        self.reboot_after = (job_id, delay)
 
     def cancel(self) -> None:
         """Drop a pending restart (the agent is stopping)."""
@@ -266,6 +277,14 @@ class JobRunner:
         self.uplink.post(result, linger=RESULT_LINGER if more else 0.0)
         if self.restart_after == job.id:
             self._restart = asyncio.create_task(self._restart_when_acked(job.id))
+        if self.reboot_after is not None and self.reboot_after[0] == job.id:
+            if outcome.state is State.SUCCESS:
+                delay = self.reboot_after[1]
+                self._restart = asyncio.create_task(
+                    self._reboot_when_acked(job.id, delay, job.timeout)
+                )
+            else:  # cancelled on its way out: no reboot, and the lanes go on
+                self.reboot_after = None
 
     async def _reattach(
         self, job: Job, started: float, pid: int | None
@@ -391,19 +410,55 @@ class JobRunner:
         if captured:
             self.cache.update("args", captured)
 
-    async def _restart_when_acked(self, job_id: str) -> None:
-        """Wait (bounded) until the server stored the RESTART result, then re-exec."""
+    async def _wait_acked(self, job_id: str) -> None:
+        """Wait (bounded) until the server stored the job's result."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RESTART_ACK_WAIT
         self.cache.commit()
         while self.cache.job_status(job_id) != "acked" and loop.time() < deadline:
             await asyncio.sleep(0.05)
+
+    async def _restart_when_acked(self, job_id: str) -> None:
+        """Wait (bounded) until the server stored the RESTART result, then re-exec."""
+        await self._wait_acked(job_id)
+        await self._reexec(f"as asked by job {job_id}")
+
+    async def _reboot_when_acked(self, job_id: str, delay: float, bound: float) -> None:
+        """Once the REBOOT result is stored, wait ``delay`` and run the reboot command.
+
+        A command that fails, or a machine still up ``bound`` seconds after it,
+        means no reboot is coming: the client re-executes itself so that the jobs
+        it holds run (and the server, seeing a new client, stops waiting).
+        """
+        await self._wait_acked(job_id)
+        await asyncio.sleep(delay)
+        log.info("job %s: rebooting the node: %s", job_id, self.reboot_command)
+        proc = await executor.run_shell(
+            self.reboot_command, executor.encoded_environment(), timeout=bound
+        )
+        if proc.rc == 0:
+            await asyncio.sleep(bound)
+            log.error(
+                "job %s: the node is still up %gs after `%s`", job_id, bound, self.reboot_command
+            )
+        else:
+            log.error(
+                "job %s: `%s` failed (%s): %s",
+                job_id,
+                self.reboot_command,
+                "timed out" if proc.timed_out else f"exit status {proc.rc}",
+                proc.stderr.strip()[:1000],
+            )
+        await self._reexec(f"instead of the reboot job {job_id} asked for")
+
+    async def _reexec(self, why: str) -> None:
+        """Replace this process with a fresh client (same PID), as RESTART does."""
         # The same path as a stop: running job processes are left to the re-executed
         # client (they stay this process's children), or killed and reported.
         self.stop(self.on_stop)
         if self.on_stop == "kill":
             await self.wait_idle(KILL_WAIT)
-        log.info("restarting the client as asked by job %s", job_id)
+        log.info("restarting the client %s", why)
         self.cache.close()
         # Same PID, fresh process image: systemd or any supervisor sees no exit. The
         # journal brings back every job still queued. orig_argv keeps `-m directord`.

@@ -29,6 +29,8 @@ SCOPES = {
     "manage": {"user"},
     "demo": set(),
     "pki": {"pki"},
+    "bootstrap": set(),
+    "unit-file": set(),
 }
 
 
@@ -121,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     from directord.cli.pki import add_arguments as pki_args
 
     pki_args(p)
+
+    p = sub.add_parser("bootstrap", help="set up servers and clients over SSH from catalogs")
+    _add_options(p, SCOPES["bootstrap"])
+    from directord.cli.bootstrap import add_arguments as bootstrap_args
+
+    bootstrap_args(p)
+
+    p = sub.add_parser("unit-file", help="print a systemd unit that runs this installation")
+    from directord.cli.unitfile import add_arguments as unit_file_args
+
+    unit_file_args(p)
 
     p = sub.add_parser("demo", help="start a throwaway local cluster and run a sample")
     _add_options(p, SCOPES["demo"])
@@ -240,6 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from directord.cli.pki import run_pki
 
             return run_pki(ns, settings)
+        if command == "bootstrap":
+            from directord.cli.bootstrap import run_bootstrap
+
+            return run_bootstrap(ns)
+        if command == "unit-file":
+            from directord.cli.unitfile import run_unit_file
+
+            return run_unit_file(ns)
         if command == "demo":
             from directord.cli.demo import run_demo
 

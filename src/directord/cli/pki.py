@@ -6,6 +6,7 @@ import argparse
 
 from directord.cli.render import table, to_json
 from directord.config import Settings
+from directord.errors import CertificateError
 from directord.security.pki import PKI, read_request
 
 
@@ -37,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--keep-sans",
         action="store_true",
         help="sign the subject alternative names the request asks for (default: the CN only)",
+    )
+    a.add_argument(
+        "--name",
+        dest="expect_name",
+        metavar="NAME",
+        help="refuse the request unless it is for NAME (a host asked for a certificate "
+        "must not get one for another host's name)",
     )
     a = sub.add_parser("list", help="every certificate with its names and expiry")
     a.add_argument("--format", choices=("table", "json"), default="table")
@@ -102,6 +110,11 @@ def run_pki(ns: argparse.Namespace, settings: Settings) -> int:
 def _sign(pki: PKI, ns: argparse.Namespace) -> None:
     """Sign a request, first showing what it asks for and which names are signed."""
     request = read_request(ns.csr_file)
+    if ns.expect_name is not None and request.name != ns.expect_name:
+        raise CertificateError(
+            f"{ns.csr_file}: the request is for {request.name!r}, not {ns.expect_name!r}; "
+            "not signed"
+        )
     usage = ns.usage or "client"
     names = list(dict.fromkeys([request.name, *request.sans])) if ns.keep_sans else [request.name]
     left_out = [n for n in request.sans if n not in names]

@@ -181,6 +181,13 @@ class ExecContext(Protocol):
         """Re-execute the client once this job's result is acknowledged."""
         ...
 
+    def request_reboot(self, delay: float) -> None:
+        """Reboot the node ``delay`` seconds after this job's result is acknowledged.
+
+        Nothing new starts on the node from now on; the jobs it holds run once it is back.
+        """
+        ...
+
 
 class ServerTarget(Protocol):
     """One node's slot in a job, as a server hook sees it."""
@@ -250,6 +257,14 @@ class ServerContext(Protocol):
         """The largest QUERY value a node may report (``--query-max-bytes``)."""
         ...
 
+    def mark_rebooting(self, identity: str, seconds: float, started: float | None) -> None:
+        """The node goes down for a reboot in ``seconds``: keep its jobs until it is back.
+
+        ``started`` is when (by the node's clock) the job that said so started: one
+        that ran under an earlier client of the node is old news, and ignored.
+        """
+        ...
+
 
 class ServerHook:
     """The server-side half of a component, for the few that need one.
@@ -257,7 +272,8 @@ class ServerHook:
     The server routes to it what nodes send about the component's jobs, after
     checking that the job targets the node: the requests named in
     ``requests`` (COPY's ``chunk``, JOB_WAIT's ``job_status``), reports
-    (QUERY's values), and the end of each target.
+    (QUERY's values), the results nodes report (REBOOT's), and the end of
+    each target.
     """
 
     #: node request methods this hook answers
@@ -280,6 +296,12 @@ class ServerHook:
 
     def on_target_final(self, job: ServerJob) -> None:
         """A target of the job reached a final state."""
+
+    def on_result(self, node: str, job: ServerJob, state: State, started: float | None) -> None:
+        """The node reported how the job ended there (its target was not final before).
+
+        ``started`` is when the job started, by the node's clock.
+        """
 
 
 class Component(ABC):

@@ -66,7 +66,7 @@ class Server:
         self.store = store or open_datastore(settings.datastore)
         self.files = FileStore.for_settings(settings.file_store, settings.datastore)
         self.persister = Persister(self.store)
-        self.nodes = NodeRegistry(self.persister)
+        self.nodes = NodeRegistry(self.persister, settings.reboot_grace)
         self.jobs = JobBook(self.persister, settings.job_timeout_grace)
         self.parking = ParkingLot(
             self.transport, self.jobs, self.persister, lambda i: i in self.nodes.sessions
@@ -79,7 +79,12 @@ class Server:
             settings.heartbeat_interval,
         )
         self.hooks = ComponentHooks(
-            self.jobs, self.files, self.persister, self.dispatcher.send_to, settings.query_max_bytes
+            self.jobs,
+            self.files,
+            self.persister,
+            self.dispatcher.send_to,
+            settings.query_max_bytes,
+            self.nodes.mark_rebooting,
         )
         self.submissions = Submissions(self.nodes, self.jobs, self.persister, self.dispatcher)
         allowed = frozenset(n.strip() for n in settings.allowed_node_names.split(",") if n.strip())

@@ -4,7 +4,8 @@ Each job is encoded once and sent to every target that has a session; a
 target without one gets it parked in the broker (brokers only) or when it
 comes back. When a node (re)registers, what it lost is settled and what waits
 for it is sent. A sweeper ends sessions that went silent and targets whose
-node stayed away past the job's deadline.
+node stayed away past the job's deadline; a rebooting node's targets wait
+for it until the server stops waiting, and then end all at once.
 """
 
 from __future__ import annotations
@@ -201,6 +202,30 @@ class Dispatcher:
                 "node %s silent for 3 heartbeat intervals; marking offline", session.identity
             )
             session.close("silent for 3 heartbeat intervals")
+        changed: set[str] = set()
+        for identity, until in self._nodes.rebooting().items():
+            if now > until:
+                changed |= self._reboot_overdue(identity)
         last_seen = {i: r.last_seen for i, r in self._nodes.records.items()}
-        for job_id in self._jobs.sweep(now, last_seen, set(self._nodes.sessions)):
+        held = frozenset(self._nodes.rebooting())
+        changed |= self._jobs.sweep(now, last_seen, set(self._nodes.sessions), held)
+        for job_id in changed:
             self._on_target_final(job_id)
+
+    def _reboot_overdue(self, identity: str) -> set[str]:
+        """Stop waiting for a rebooting node; if it is away, end the jobs it owes."""
+        self._nodes.end_rebooting(identity)
+        grace = self._nodes.reboot_grace
+        if identity in self._nodes.sessions:
+            # Its client never went away: the machine did not reboot. Its jobs go on.
+            log.warning(
+                "node %s was to reboot but its client is still connected; no longer waiting",
+                identity,
+            )
+            return set()
+        log.error("node %s did not come back from its reboot; ending its jobs", identity)
+        return self._jobs.give_up(
+            identity,
+            f"node {identity} did not come back from its reboot (REBOOT's seconds plus "
+            f"--reboot-grace {grace:g}s)",
+        )

@@ -4,8 +4,9 @@ A node's request (a file chunk, a job's state) and report (a QUERY value)
 each name the job they are for. The router checks that the job targets the
 node, then hands the rest to the job's component (``Component.server_hook``):
 COPY serves its files, JOB_WAIT the states it waits for, QUERY gathers and
-shares values. It also tells the hooks when a target ends. It is the
-hooks' ``ServerContext``: what they may do on the server, and nothing more.
+shares values. It also tells the hooks the results nodes report (REBOOT
+marks its node rebooting) and when a target ends. It is the hooks'
+``ServerContext``: what they may do on the server, and nothing more.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from directord.server.records import JobRecord
 log = logging.getLogger(__name__)
 #: Sends a message to a node if it is online now; False when it is not.
 Send = Callable[[str, Message], bool]
+#: Marks a node rebooting: (identity, seconds until it goes down, when its job started).
+MarkRebooting = Callable[[str, float, float | None], None]
 
 
 class ComponentHooks:
@@ -39,12 +42,14 @@ class ComponentHooks:
         persister: Persister,
         send: Send,
         query_max_bytes: int,
+        mark_rebooting: MarkRebooting = lambda *_: None,
     ) -> None:
         self._jobs = jobs
         self._files = files
         self._persister = persister
         self._send = send
         self._query_max_bytes = query_max_bytes
+        self._mark_rebooting = mark_rebooting
         self._hooks: dict[str, ServerHook | None] = {}
 
     # ---- what nodes send ---------------------------------------------------------------------
@@ -73,6 +78,13 @@ class ComponentHooks:
             hook.on_report(node, job, value)
         except OrchestrationError as exc:
             log.warning("node %s: report for job %s refused: %s", node, str(job_id)[:40], exc)
+
+    def on_result(self, node: str, job_id: str, state: State, started: float | None) -> None:
+        """A node reported how one of its jobs ended (its target was not final before)."""
+        job = self._jobs.jobs.get(job_id)
+        hook = self._hook(job.verb) if job is not None else None
+        if job is not None and hook is not None:
+            hook.on_result(node, job, state, started)
 
     def on_target_final(self, job_id: str) -> None:
         """A target of the job reached a final state."""
@@ -140,3 +152,6 @@ class ComponentHooks:
     @property
     def query_max_bytes(self) -> int:
         return self._query_max_bytes
+
+    def mark_rebooting(self, identity: str, seconds: float, started: float | None) -> None:
+        self._mark_rebooting(identity, seconds, started)

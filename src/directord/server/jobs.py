@@ -1,8 +1,9 @@
 """The job book: every job, where it stands on each node, and who is watching.
 
 State changes flow through here: submit -> queued; node ack -> delivered;
-node result -> final; deadlines -> undelivered / lost. Each change is marked
-for persistence and pushed to watchers (``--wait``/``--stream`` users).
+node result -> final; deadlines (and a node not back from its reboot) ->
+undelivered / lost. Each change is marked for persistence and pushed to
+watchers (``--wait``/``--stream`` users).
 """
 
 from __future__ import annotations
@@ -297,18 +298,32 @@ class JobBook:
                 unread.append(event)
 
     # ---- deadlines -----------------------------------------------------------------
-    def sweep(self, now: float, last_seen: dict[str, float], online: set[str]) -> set[str]:
+    def sweep(
+        self,
+        now: float,
+        last_seen: dict[str, float],
+        online: set[str],
+        held: frozenset[str] = frozenset(),
+    ) -> set[str]:
         """Give up on jobs whose node stayed away past the job's deadline.
 
         Returns the ids of the jobs it changed. Only pending targets are visited,
-        so the cost follows the work in flight, not the size of the history.
+        so the cost follows the work in flight, not the size of the history. The
+        jobs of ``held`` nodes (rebooting) wait for them past their deadlines.
         """
         changed: set[str] = set()
         for identity, targets in list(self.pending.items()):
+            if identity in held:
+                continue
             for target in list(targets.values()):
                 job = self.jobs[target.job_id]
                 deadline = job.timeout + self.grace
-                if target.state is State.QUEUED and now > job.submitted + deadline:
+                # Sent to a node online now (it came back, from a reboot say): it has
+                # the whole deadline to take the job, not what was left of it.
+                since = job.submitted
+                if identity in online and target.sent is not None:
+                    since = max(since, target.sent)
+                if target.state is State.QUEUED and now > since + deadline:
                     self.finish(
                         identity,
                         target,
@@ -330,6 +345,24 @@ class JobBook:
                     changed.add(job.id)
             if not targets:
                 del self.pending[identity]
+        return changed
+
+    def give_up(self, identity: str, why: str) -> set[str]:
+        """End every job a node still owes: ``undelivered`` if never taken, else ``lost``.
+
+        ``why`` is the reason stored with each. Returns the ids of the jobs it changed.
+        """
+        changed: set[str] = set()
+        for target in list(self.pending.get(identity, {}).values()):
+            taken = target.state is State.DELIVERED
+            self.finish(
+                identity,
+                target,
+                State.LOST if taken else State.UNDELIVERED,
+                stderr=f"{why}; " + ("it held the job" if taken else "it never took the job"),
+            )
+            changed.add(target.job_id)
+        self.pending.pop(identity, None)
         return changed
 
     # ---- watchers ------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Node registry: who is known, who is online, and through which session."""
+"""Node registry: who is known, who is online, through which session, and who is rebooting.
+
+A node whose REBOOT succeeded is ``rebooting`` until a new client process of
+it registers (its ``agent_start`` differs from the one that ran the REBOOT),
+or until the server stops waiting (``rebooting_until``: the REBOOT's seconds
+plus ``--reboot-grace``); the dispatcher then settles its jobs.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ NS = "nodes"
 class NodeRegistry:
     """Every node ever registered (until purged) and the live sessions."""
 
-    def __init__(self, persister: Persister) -> None:
+    def __init__(self, persister: Persister, reboot_grace: float = 600.0) -> None:
         self._persister = persister
+        self.reboot_grace = reboot_grace
         self.records: dict[str, NodeRecord] = {}
         self.sessions: dict[str, AgentSession] = {}
 
@@ -40,6 +47,9 @@ class NodeRegistry:
             return None
         now = time.time()
         rec = self.records.get(identity) or NodeRecord(identity=identity, first_seen=now)
+        if rec.rebooting_until and hello.agent_start != rec.reboot_agent:
+            log.info("node %s is back from its reboot", identity)
+            rec.rebooting_until = rec.reboot_agent = 0.0
         rec.machine_id = hello.machine_id
         rec.version = hello.version
         rec.driver = hello.driver
@@ -86,6 +96,40 @@ class NodeRegistry:
         """Identities with a live session, sorted."""
         return sorted(self.sessions)
 
+    def reachable(self) -> list[str]:
+        """Identities online or rebooting (they will be back), sorted: default targets."""
+        return sorted(set(self.sessions) | set(self.rebooting()))
+
+    def rebooting(self) -> dict[str, float]:
+        """Nodes marked rebooting: identity -> when the server stops waiting for it."""
+        return {i: r.rebooting_until for i, r in self.records.items() if r.rebooting_until}
+
+    def mark_rebooting(self, identity: str, seconds: float, started: float | None) -> None:
+        """The node goes down for a reboot in ``seconds``; wait for it (plus the grace).
+
+        ``started``: when its REBOOT job started, by the node's clock. A job that
+        started before the node's current client did ran under an earlier one: the
+        reboot is over (the result was only re-sent), and the node is not marked.
+        """
+        rec = self.records.get(identity)
+        if rec is None:
+            return
+        if started is not None and started < rec.agent_start:
+            log.info("node %s: a REBOOT result older than its client; it is back", identity)
+            return
+        wait = seconds + self.reboot_grace
+        rec.rebooting_until = time.time() + wait
+        rec.reboot_agent = rec.agent_start
+        self._persister.put(NS, identity, rec)
+        log.info("node %s is rebooting; its jobs wait up to %.0fs for it", identity, wait)
+
+    def end_rebooting(self, identity: str) -> None:
+        """Stop waiting for a node's return (the deadline passed)."""
+        rec = self.records.get(identity)
+        if rec is not None and rec.rebooting_until:
+            rec.rebooting_until = rec.reboot_agent = 0.0
+            self._persister.put(NS, identity, rec)
+
     def expired(self, now: float) -> list[AgentSession]:
         """Sessions whose node has been silent for three heartbeat intervals."""
         return [s for ident, s in self.sessions.items() if self.records[ident].expiry < now]
@@ -105,7 +149,10 @@ class NodeRegistry:
         for identity in sorted(self.records):
             rec = self.records[identity]
             row = rec.to_dict()
-            row["status"] = "online" if identity in self.sessions else "offline"
+            if rec.rebooting_until:
+                row["status"] = "rebooting"
+            else:
+                row["status"] = "online" if identity in self.sessions else "offline"
             row["host_uptime"] = now - rec.host_boot if rec.host_boot else None
             row["agent_uptime"] = now - rec.agent_start if rec.agent_start else None
             row["expiry"] = rec.expiry

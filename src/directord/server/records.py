@@ -32,6 +32,10 @@ class NodeRecord:
     last_seen: float = 0.0
     online: bool = False
     peer: str = ""
+    #: when the server stops waiting for a node that went down to reboot (0: not rebooting)
+    rebooting_until: float = 0.0
+    #: ``agent_start`` of the client that ran the REBOOT: another one means it is back
+    reboot_agent: float = 0.0
 
     @property
     def expiry(self) -> float:

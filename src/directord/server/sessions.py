@@ -223,6 +223,8 @@ class AgentSession:
             return result.id
         if result.state not in NODE_STATES:
             raise ProtocolError(f"state {result.state} cannot be reported by a node")
+        # A result sent again (its ack was lost) is no news to the component.
+        fresh = not target.state.final
         jobs.finish(
             self.identity,
             target,
@@ -233,6 +235,8 @@ class AgentSession:
             exec_time=result.exec_time,
             reported=True,
         )
+        if fresh:
+            self.parts.hooks.on_result(self.identity, result.id, result.state, result.started)
         self.parts.hooks.on_target_final(result.id)
         return result.id
 

@@ -4,7 +4,7 @@ A submission is decoded into ``SubmitParams`` (a malformed one is refused
 naming the field), each job is built once into its JobSpec (never reading a
 user's path: a job's files must have been uploaded on the same connection),
 targets are resolved (``--target`` > ``assign`` > the orchestration's
-``targets`` > every online node), and everything is stored before the reply:
+``targets`` > every online or rebooting node), and everything is stored before the reply:
 a crash right after it loses nothing.
 """
 
@@ -131,7 +131,7 @@ class Submissions:
         )
         if request.restrict and not any(spec.sha.startswith(r) for r in request.restrict):
             return None
-        targets = request.targets or list(spec.assign) or orch.targets or self._nodes.online()
+        targets = request.targets or list(spec.assign) or orch.targets or self._nodes.reachable()
         known = self._nodes.records
         missing = [t for t in targets if t not in known]
         if missing:
