@@ -346,6 +346,7 @@ def boot(
     if shutil.which("systemd-nspawn") is None:
         rootfs()  # .ci/rootfs.sh installs systemd-container
     root = rootfs()
+    log_dir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:6]
     containers = [
         Container(f"{prefix}-{tag}-{i}", root, log_dir, default_binds() if binds is None else binds)

@@ -19,7 +19,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +35,7 @@ from directord.errors import (
 )
 from directord.models import SourceFile
 from directord.protocol import FROM_API, ApiEvent, ApiReply, ApiRequest, Bye, FrameDecoder, frame
+from directord.units import MonitorEvent, NodeReply, UnitsError
 
 DEFAULT_SOCKET = "/var/run/directord.sock"
 #: Bytes per ``file_put`` (the server takes at most this much at once).
@@ -84,6 +85,10 @@ class APIClient:
         self._decoder = FrameDecoder(FROM_API)
         self._pending: list[ApiReply | ApiEvent | Bye] = []
         self._rid = 0
+
+    def clone(self) -> APIClient:
+        """A new, unconnected client for the same server (one connection reads one stream)."""
+        return APIClient(self.socket_path, url=self.url, ssl_context=self._ssl)
 
     async def connect(self) -> None:
         """Open the socket. Raises ServerUnavailable naming the socket path."""
@@ -580,6 +585,76 @@ class DirectordConnect:
         """Directord's purge_jobs: forget finished jobs; True once done."""
         self.purge("jobs")
         return True
+
+    # ---- systemd units (what `directord units` does) ---------------------------------
+    def units(
+        self,
+        action: str,
+        nodes: Sequence[str] = (),
+        units: Sequence[str] = (),
+        *,
+        timeout: float = 600.0,
+        **options: Any,
+    ) -> list[NodeReply]:
+        """Run a unit operation on nodes; one :class:`~directord.units.NodeReply` per node.
+
+        ``action`` is one of ``directord units``' (``list``, ``list-unit-files``,
+        ``status``, ``start``, ``stop``, ``restart``, ``reload``, ``enable``,
+        ``disable``, ``daemon-reload``, ``kill``, ``reset-failed``, ``freeze``,
+        ``thaw``); ``options`` are its flags (``filter="web*"``, ``now=True``,
+        ``signal="KILL"``, ``whom="main"``). Without ``nodes``: every online node.
+        Each reply's ``document`` holds what the node answered (``units`` rows,
+        ``jobs`` results); ``ok`` is False with ``error`` saying why otherwise.
+
+        Raises:
+            UnitsError: a node named is unknown or offline.
+        """
+        from directord.units import online_nodes, run_unit_job, unit_args
+
+        async def run() -> list[NodeReply]:
+            chosen = await online_nodes(self._client, nodes)
+            if not chosen:
+                raise UnitsError("no node is online")
+            return await run_unit_job(
+                self._client, chosen, unit_args(action, units, **options), timeout=timeout
+            )
+
+        return self._runner.run(run())
+
+    def monitor_units(
+        self, nodes: Sequence[str] = (), patterns: Sequence[str] = ()
+    ) -> Iterator[MonitorEvent]:
+        """Unit state changes on the nodes (default every online node), until you stop iterating.
+
+        The current state of the watched units comes first, and again after a
+        node comes back (its ``note`` events say when it went away).
+        """
+        from directord.units import monitor, online_nodes
+
+        async def start() -> AsyncGenerator[MonitorEvent, None]:
+            chosen = await online_nodes(self._client, nodes)
+            return monitor(self._client, chosen, patterns)
+
+        events = self._runner.run(start())
+
+        async def step() -> MonitorEvent:
+            return await anext(events)
+
+        try:
+            while True:
+                yield self._runner.run(step())
+        finally:
+            self._runner.run(events.aclose())
+
+    def is_online(self, node: str, wait: float = 0.0) -> bool:
+        """Whether ``node`` is online, waiting up to ``wait`` seconds for it to be."""
+        deadline = time.monotonic() + wait
+        while True:
+            if any(r["identity"] == node and r["status"] == "online" for r in self.nodes()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
 
 
 __all__ = ["APIClient", "DirectordConnect", "ProtocolError", "collect"]

@@ -298,7 +298,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 # Flags added since: jobs that outlive the client (issue 14), Directord's (issue 10),
-# REBOOT's; and the commands added since, bootstrap and unit-file (issue 10).
+# REBOOT's, units' (issue 11); and the commands added since: bootstrap and unit-file
+# (issue 10), units (issue 11).
 ADDED: dict[str, set[str]] = {
     "directord": {
         "--on-stop",
@@ -327,7 +328,27 @@ ADDED: dict[str, set[str]] = {
     },
     "exec": {"--check", "--components-path"},
     "orchestrate": {"--check", "--components-path"},
-    "manage": {"--cancel-job", "--cancel-parent", "--no-kill", "--components-path"},
+    "manage": {
+        "--cancel-job",
+        "--cancel-parent",
+        "--no-kill",
+        "--components-path",
+        "--is-online",
+        "--wait",
+    },
+    "units": {
+        "--api-url",
+        "--ca",
+        "--cache-path",
+        "--cert",
+        "--components-path",
+        "--config-file",
+        "--debug",
+        "--help",
+        "--key",
+        "--socket-path",
+        "-h",
+    },
     "bootstrap": {
         "--catalog",
         "--config-file",

@@ -125,6 +125,10 @@ class JobContext:
         """Forward one line of output live (``--stream``); lost while disconnected."""
         self._uplink.post(Output(id=self.job_id, stream=stream, data=line))
 
+    def output_line(self, stream: str, line: str) -> None:
+        if self.job.stream:
+            self._output(stream, line)
+
     async def request(self, method: str, params: dict[str, Any]) -> Any:
         return await self._uplink.request(method, params)
 

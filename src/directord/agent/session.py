@@ -45,7 +45,9 @@ from directord.transports import Link, Transport
 log = logging.getLogger(__name__)
 WELCOME_TIMEOUT = 10.0
 #: Verbs that run at once, past every lane.
-RUN_AT_ONCE = frozenset({"QUEUESENTINEL"})
+# UNIT (`directord units`): an operator's systemctl, answered at once whatever the
+# node's queues hold; a `units monitor` job never holds a lane for its long life.
+RUN_AT_ONCE = frozenset({"QUEUESENTINEL", "UNIT"})
 
 
 class Session:

@@ -506,6 +506,22 @@ class SystemdManager:
         jobs = {n: await self.stop(n) for n in names} if now else {}
         return EnableResult(_changes(changes), False, jobs)
 
+    async def mask(self, names: Sequence[str]) -> tuple[UnitFileChange, ...]:
+        """Mask units (links to /dev/null: they cannot be started), then reload systemd."""
+        (changes,) = await self._manager(
+            "MaskUnitFiles", "asbb", [list(names), False, True], unit=_one(names)
+        )
+        await self.daemon_reload()
+        return _changes(changes)
+
+    async def unmask(self, names: Sequence[str]) -> tuple[UnitFileChange, ...]:
+        """Unmask units, then reload systemd."""
+        (changes,) = await self._manager(
+            "UnmaskUnitFiles", "asb", [list(names), False], unit=_one(names)
+        )
+        await self.daemon_reload()
+        return _changes(changes)
+
     async def daemon_reload(self) -> None:
         """Reload systemd's configuration (``systemctl daemon-reload``); returns when done."""
         await self._manager("Reload")
@@ -691,6 +707,16 @@ class UnitWatch:
                 if self._wanted(row.unit) and row.unit not in self._known:
                     self._known[row.unit] = (row.active, row.sub)
                     self._queue.put_nowait(UnitChange(row.unit, row.active, row.sub, None))
+            if self._patterns:
+                # Units chosen by name or glob that systemd has not loaded (inactive ones
+                # are unloaded): their state too, so a later start shows what it was.
+                for file_row in await self._manager.list_unit_files():
+                    unit = file_row.unit
+                    if unit in self._known or not self._wanted(unit) or "@." in unit:
+                        continue
+                    status = await self._manager.unit_status(unit)
+                    self._known[unit] = (status.active, status.sub)
+                    self._queue.put_nowait(UnitChange(unit, status.active, status.sub, None))
         return self
 
     async def __aexit__(

@@ -31,6 +31,7 @@ SCOPES = {
     "pki": {"pki"},
     "bootstrap": set(),
     "unit-file": set(),
+    "units": {"user"},
 }
 
 
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     from directord.cli.bootstrap import add_arguments as bootstrap_args
 
     bootstrap_args(p)
+
+    p = sub.add_parser("units", help="systemd units on the nodes (list, start, monitor ...)")
+    _add_options(p, SCOPES["units"])
+    from directord.cli.units import add_arguments as units_args
+
+    units_args(p)
 
     p = sub.add_parser("unit-file", help="print a systemd unit that runs this installation")
     from directord.cli.unitfile import add_arguments as unit_file_args
@@ -257,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from directord.cli.bootstrap import run_bootstrap
 
             return run_bootstrap(ns)
+        if command == "units":
+            from directord.cli.units import run_units
+
+            return run_units(ns, settings)
         if command == "unit-file":
             from directord.cli.unitfile import run_unit_file
 

@@ -39,6 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cancel-parent", nargs="+", metavar="ID", help="cancel every job of orchestration runs"
     )
+    g.add_argument(
+        "--is-online",
+        metavar="NODE",
+        help="exit 0 if NODE is online, else 1 (like bluechi-is-online)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --is-online: wait up to SECONDS for the node to be online",
+    )
     p.add_argument(
         "--no-kill",
         action="store_true",
@@ -61,6 +73,21 @@ def run_manage(ns: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_remote(ns, settings))
 
 
+async def _is_online(client: Any, node: str, wait: float) -> int:
+    """0 once NODE is online (polling up to ``wait`` seconds), else 1; prints its status."""
+    deadline = asyncio.get_running_loop().time() + max(wait, 0.0)
+    while True:
+        rows = {row["identity"]: row for row in await client.call("nodes")}
+        status = rows[node]["status"] if node in rows else "unknown"
+        if status == "online":
+            print(f"{node} is online")
+            return 0
+        if asyncio.get_running_loop().time() >= deadline:
+            print(f"{node} is {status}")
+            return 1
+        await asyncio.sleep(0.25)
+
+
 def _dump_cache(settings: Settings) -> int:
     from directord.agent.cache import NodeCache
 
@@ -76,6 +103,8 @@ def _dump_cache(settings: Settings) -> int:
 
 async def _remote(ns: argparse.Namespace, settings: Settings) -> int:
     async with client_for(settings) as client:
+        if ns.is_online:
+            return await _is_online(client, ns.is_online, ns.wait)
         if ns.list_nodes:
             nodes = await client.call("nodes")
             print(to_json(nodes) if ns.format == "json" else _nodes_table(nodes))

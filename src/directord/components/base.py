@@ -128,6 +128,10 @@ class ExecContext(Protocol):
         """
         ...
 
+    def output_line(self, stream: str, line: str) -> None:
+        """Send one line of output live to ``--stream`` watchers (dropped without them)."""
+        ...
+
     def cancel_waiting(self) -> int:
         """Cancel every job waiting on this node (QUEUESENTINEL); returns how many."""
         ...
