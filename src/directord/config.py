@@ -191,6 +191,12 @@ class Settings:
     allowed_node_names: str = option(
         "", "comma-separated identities allowed to register (empty: any)", "server"
     )
+    unit_proxy_allow: str = option(
+        "",
+        "comma-separated SOURCE>DESTINATION node pairs (globs) whose directord-proxy@ "
+        "units may start units on the destination (empty: none)",
+        "server",
+    )
     api_bind: str = option(
         "",
         "also serve the user API on this TCP address, with TLS and required client certificates",

@@ -78,13 +78,19 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("units")
-    cluster = LocalCluster(root / "cluster", nodes=1, heartbeat=1.0)
+    cluster = LocalCluster(
+        root / "cluster",
+        nodes=1,
+        heartbeat=1.0,
+        # ct0's proxy units may start units on ct1; nothing else is allowed.
+        server_args=["--unit-proxy-allow", "ct0>ct1"],
+    )
     cluster.start()
     try:
         with nspawn.boot(2, root / "containers") as booted:
             fleet = Fleet(cluster, {f"ct{i}": c for i, c in enumerate(booted)})
             for identity, node in fleet.containers.items():
-                node.write_file("/etc/directord/config.yaml", "{}\n")
+                node.write_file("/etc/directord/config.yaml", "run_path: /run/directord\n")
                 node.write_file("/etc/systemd/system/dd-web.service", WEB)
                 node.write_file("/etc/systemd/system/dd-bad.service", BAD)
                 # Vendor units (not in /etc) can be masked: systemd links /etc's name to /dev/null.
@@ -311,3 +317,42 @@ def test_is_online_and_unit_jobs_in_the_history(fleet: Fleet) -> None:
     )
     result = next(iter(info["results"].values()))
     assert result.get("exec_time") is not None
+
+
+APP = """[Unit]
+Description=directord test app on ct0, needing dd-web on ct1
+Wants=directord-proxy@ct1_dd-web.service.service
+After=directord-proxy@ct1_dd-web.service.service
+[Service]
+ExecStart=/bin/sleep infinity
+"""
+
+
+def test_a_proxy_unit_starts_a_unit_on_another_node_where_allowed(fleet: Fleet) -> None:
+    ct0, ct1 = fleet.containers["ct0"], fleet.containers["ct1"]
+    for node in (ct0, ct1):
+        template = node.run(sys.executable, "-m", "directord", "unit-file", "proxy").stdout
+        node.write_file("/etc/systemd/system/directord-proxy@.service", template)
+        node.write_file("/etc/systemd/system/dd-app.service", APP)
+        node.systemctl("daemon-reload")
+    ct1.systemctl("stop", "dd-web")
+    proxy = "directord-proxy@ct1_dd-web.service.service"
+    # Starting the app on ct0 starts dd-web on ct1 first, through the server.
+    ct0.systemctl("start", "dd-app")
+    assert ct0.systemctl("is-active", proxy).strip() == "active"
+    assert ct1.systemctl("is-active", "dd-web").strip() == "active"
+    assert "start dd-web.service on ct1: done" in ct0.journal(proxy)
+    # The proxy stopped: no one wants the remote unit any more, so it stops.
+    ct0.systemctl("stop", "dd-app", proxy)
+    assert ct1.systemctl("is-active", "dd-web", check=False).strip() == "inactive"
+    # ct1 -> ct0 is not in the server's unit_proxy_allow: refused, nothing runs on ct0.
+    ct0.systemctl("stop", "dd-web", check=False)
+    back = "directord-proxy@ct0_dd-web.service.service"
+    assert ct1.run("systemctl", "start", back, check=False).returncode != 0
+    assert ct1.systemctl("is-failed", back, check=False).strip() == "failed"
+    assert "refused: ct1 may not start units on ct0" in ct1.journal(back)
+    assert ct0.systemctl("is-active", "dd-web", check=False).strip() == "inactive"
+    assert "node ct1 asked to start dd-web.service on ct0: not allowed" in (
+        fleet.cluster.log("server").read_text()
+    )
+    ct1.systemctl("reset-failed", back)

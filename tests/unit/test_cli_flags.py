@@ -310,12 +310,14 @@ ADDED: dict[str, set[str]] = {
         "--local-components",
         "--reboot-command",
         "--reboot-grace",
+        "--unit-proxy-allow",
     },
     "server": {
         "--zmq-highwater-mark",
         "--messaging-address",
         "--components-path",
         "--reboot-grace",
+        "--unit-proxy-allow",
     },
     "client": {
         "--on-stop",
@@ -364,6 +366,7 @@ ADDED: dict[str, set[str]] = {
         "-h",
     },
     "unit-file": {"--help", "-h"},
+    "proxy": {"--config-file", "--debug", "--help", "--run-path", "--socket-path", "-h"},
 }
 
 

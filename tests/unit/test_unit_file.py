@@ -19,6 +19,7 @@ CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
         ("server", "directord-server.service"),
         ("server-socket", "directord-server.socket"),
         ("api-socket", "directord-api.socket"),
+        ("proxy", "directord-proxy@.service"),
     ],
 )
 def test_unit_file_prints_the_shipped_unit_with_this_installations_directord(
@@ -28,7 +29,8 @@ def test_unit_file_prints_the_shipped_unit_with_this_installations_directord(
     out = capsys.readouterr().out
     shipped = (CONTRIB / file).read_text()
     here = str(Path(sys.executable).parent / "directord")
-    assert out == shipped.replace("ExecStart=/usr/bin/directord", f"ExecStart={here}")
+    expected = shipped.replace("ExecStart=/usr/bin/directord", f"ExecStart={here}")
+    assert out == expected.replace("ExecStop=/usr/bin/directord", f"ExecStop={here}")
     if file.endswith(".service"):
         assert f"ExecStart={here} " in out
 

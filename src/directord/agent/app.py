@@ -19,6 +19,7 @@ from pathlib import Path
 
 from directord.agent.cache import NodeCache
 from directord.agent.lanes import Lanes
+from directord.agent.proxysock import ProxySocket
 from directord.agent.runner import KILL_WAIT, JobRunner
 from directord.agent.session import Session
 from directord.agent.uplink import Uplink
@@ -50,6 +51,7 @@ class Agent:
             on_stop=settings.on_stop,
             reboot_command=settings.reboot_command,
         )
+        self.proxy_socket = ProxySocket(settings.resolved_run_path(), self.uplink)
         self.lanes = Lanes(self.runner.run, self.runner.may_start)
         self.runner.drop_waiting = self.lanes.drop_waiting
         self.started = time.time()
@@ -62,6 +64,7 @@ class Agent:
         """Connect (with backoff) and serve until :meth:`stop`."""
         preload()
         self._recover()
+        await self.proxy_socket.start()
         backoff = 0.1
         stopping = asyncio.ensure_future(self._stop_asked.wait())
         while not self._stop_asked.is_set():
@@ -128,6 +131,7 @@ class Agent:
         self.cache.commit()
 
     async def _shutdown(self) -> None:
+        await self.proxy_socket.close()
         await self.lanes.close()
         self.runner.cancel()
         await self.transport.close()

@@ -32,6 +32,7 @@ SCOPES = {
     "bootstrap": set(),
     "unit-file": set(),
     "units": {"user"},
+    "proxy": set(),
 }
 
 
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     from directord.cli.units import add_arguments as units_args
 
     units_args(p)
+
+    p = sub.add_parser("proxy", help="what a directord-proxy@ unit runs (a unit on another node)")
+    _add_options(p, SCOPES["proxy"])
+    from directord.cli.proxy import add_arguments as proxy_args
+
+    proxy_args(p)
 
     p = sub.add_parser("unit-file", help="print a systemd unit that runs this installation")
     from directord.cli.unitfile import add_arguments as unit_file_args
@@ -268,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from directord.cli.units import run_units
 
             return run_units(ns, settings)
+        if command == "proxy":
+            from directord.cli.proxy import run_proxy
+
+            return run_proxy(ns, settings)
         if command == "unit-file":
             from directord.cli.unitfile import run_unit_file
 

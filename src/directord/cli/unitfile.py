@@ -19,6 +19,7 @@ UNITS = {
     "server": "directord-server.service",
     "server-socket": "directord-server.socket",
     "api-socket": "directord-api.socket",
+    "proxy": "directord-proxy@.service",
 }
 
 
@@ -38,5 +39,8 @@ def executable() -> str:
 def run_unit_file(ns: argparse.Namespace) -> int:
     """Print the unit."""
     text = (resources.files("directord") / "systemd" / UNITS[ns.unit]).read_text("utf-8")
-    print(text.replace("ExecStart=/usr/bin/directord", f"ExecStart={executable()}"), end="")
+    here = executable()
+    for key in ("ExecStart", "ExecStop"):
+        text = text.replace(f"{key}=/usr/bin/directord", f"{key}={here}")
+    print(text, end="")
     return 0

@@ -40,6 +40,7 @@ from directord.server.nodes import NodeRegistry
 from directord.server.parking import NS as PARKED
 from directord.server.parking import ParkingLot
 from directord.server.persist import Persister
+from directord.server.proxies import UnitProxies
 from directord.server.sessions import AgentSession, SessionParts
 from directord.server.submit import Submissions
 from directord.transports import Connection, Link, Transport, load_transport
@@ -87,6 +88,7 @@ class Server:
             self.nodes.mark_rebooting,
         )
         self.submissions = Submissions(self.nodes, self.jobs, self.persister, self.dispatcher)
+        self.proxies = UnitProxies(self.submissions, self.jobs, settings.unit_proxy_allow)
         allowed = frozenset(n.strip() for n in settings.allowed_node_names.split(",") if n.strip())
         self._session_parts = SessionParts(
             nodes=self.nodes,
@@ -95,6 +97,7 @@ class Server:
             parking=self.parking,
             dispatcher=self.dispatcher,
             hooks=self.hooks,
+            proxies=self.proxies,
             admit=lambda identity: _admit(allowed, identity),
         )
         methods = ApiMethods(

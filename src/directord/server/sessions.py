@@ -41,6 +41,7 @@ from directord.server.jobs import JobBook
 from directord.server.nodes import NodeRegistry
 from directord.server.parking import ParkingLot
 from directord.server.persist import Persister
+from directord.server.proxies import UnitProxies
 from directord.transports.base import Link
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class SessionParts:
     parking: ParkingLot
     dispatcher: Dispatcher
     hooks: ComponentHooks
+    #: cross-node unit dependencies (``unit_proxy`` requests)
+    proxies: UnitProxies
     #: why an identity may not register (the allow-list), or None
     admit: Callable[[str], str | None]
 
@@ -285,7 +288,12 @@ class AgentSession:
 
     async def _answer(self, request: Request) -> None:
         try:
-            result = await self.parts.hooks.request(self.identity, request.method, request.params)
+            if request.method == "unit_proxy":  # not about a job: a proxy unit's request
+                result = await self.parts.proxies.request(self.identity, request.params)
+            else:
+                result = await self.parts.hooks.request(
+                    self.identity, request.method, request.params
+                )
             self.link.post(Reply(rid=request.rid, ok=True, result=result))
         except DirectordError as exc:
             self.link.post(Reply(rid=request.rid, ok=False, error=str(exc)))
