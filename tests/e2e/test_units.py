@@ -356,3 +356,27 @@ def test_a_proxy_unit_starts_a_unit_on_another_node_where_allowed(fleet: Fleet) 
         fleet.cluster.log("server").read_text()
     )
     ct1.systemctl("reset-failed", back)
+
+
+def test_the_library_does_what_the_cli_does(fleet: Fleet) -> None:
+    from directord import DirectordConnect
+    from directord.units import UnitsError
+
+    node = fleet.containers["ct1"]
+    with DirectordConnect(socket_path=fleet.cluster.socket_path) as d:
+        replies = d.units("list", ["ct0", "ct1"], filter="dbus.service")
+        assert [(r.node, r.ok) for r in replies] == [("ct0", True), ("ct1", True)]
+        assert replies[0].document["units"][0]["sub"] == "running"
+        [reply] = d.units("restart", ["ct1"], ["dd-web"])
+        assert reply.ok and reply.document["jobs"] == {"dd-web.service": "done"}
+        assert node.systemctl("is-active", "dd-web").strip() == "active"
+        [reply] = d.units("status", [fleet.plain], ["dbus"])
+        assert not reply.ok and reply.error == f"no systemd on {fleet.plain}"
+        with pytest.raises(UnitsError, match="unknown node ghost"):
+            d.units("status", ["ghost"], ["dbus"])
+        assert d.is_online("ct1") and not d.is_online("ghost", wait=0.5)
+        events = d.monitor_units(["ct1"], ["dd-web*"])
+        first = next(events)
+        assert (first.node, first.unit, first.active) == ("ct1", "dd-web.service", "active")
+        events.close()  # stops the node's monitor job
+        node.systemctl("stop", "dd-web")
