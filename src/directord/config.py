@@ -183,10 +183,15 @@ class Settings:
         "", "machine id reported by the client (default /etc/machine-id)", "client"
     )
     ready_file: str = option(
-        "", "write a JSON line here once listening/registered", "server", "client"
+        "", "write a JSON line here once listening/registered", "server", "client", "provisioner"
     )
     pki_dir: str = option(
-        "/etc/directord/pki", "directory of the built-in PKI (directord pki)", "pki"
+        "/etc/directord/pki",
+        "directory of the built-in PKI (directord pki; a provisioning node's own key and "
+        "certificate; the builtin provisioning helper's CA)",
+        "pki",
+        "client",
+        "provisioner",
     )
     allowed_node_names: str = option(
         "", "comma-separated identities allowed to register (empty: any)", "server"
@@ -240,6 +245,72 @@ class Settings:
         "seconds past a REBOOT's own that the server waits for the node to come back; its "
         "jobs wait as long, then end undelivered/lost",
         "server",
+    )
+    # ---- zero-touch enrolment (docs/provisioning.md) --------------------------------
+    provision: bool = option(
+        False,
+        "start in provisioning mode: get a certificate and configuration from the "
+        "provisioner, then restart into the cluster",
+        "client",
+    )
+    provisioning_address: str = option(
+        "", "the provisioner, HOST:PORT (provisioning mode)", "client"
+    )
+    provisioning_token: str = option(
+        "",
+        "the shared token that admits nodes to provisioning (prefer the env var or the "
+        "config file: a command line is visible to every local user)",
+        "client",
+        "provisioner",
+    )
+    provisioning_ca: str = option(
+        "", "CA certificate the provisioner's TLS certificate must chain to", "client"
+    )
+    provisioning_facts: str = option(
+        "", "a JSON or YAML file of facts sent with the announcement", "client"
+    )
+    reprovision_before: float = option(
+        7 * 86400.0,
+        "seconds before its certificate expires when a node re-enters provisioning "
+        "(each node picks its moment at random in the last half of that window; 0: never)",
+        "client",
+    )
+    helper: str = option(
+        "builtin",
+        "the provisioning helper: a program, or builtin (signs with --pki-dir)",
+        "provisioner",
+    )
+    provisioning_bind: str = option("0.0.0.0", "address the provisioner listens on", "provisioner")
+    provisioning_port: int = option(5570, "port the provisioner listens on", "provisioner")
+    provisioning_ssl_cert: str = option(
+        "", "the provisioner's TLS certificate (its nodes check it)", "provisioner"
+    )
+    provisioning_ssl_key: str = option("", "the provisioner's TLS private key", "provisioner")
+    provisioner_workers: int = option(8, "nodes provisioned at once", "provisioner")
+    helper_timeout: float = option(
+        10.0, "seconds a helper may run before the node is deferred", "provisioner"
+    )
+    metrics_port: int = option(
+        0, "serve Prometheus metrics on this port at /metrics (0: off)", "provisioner"
+    )
+    metrics_bind: str = option("127.0.0.1", "address of the metrics endpoint", "provisioner")
+    node_config: str = option(
+        "",
+        "builtin helper: client config YAML template (Jinja2 over identity and facts)",
+        "provisioner",
+    )
+    provisioning_cert_days: int = option(
+        365, "builtin helper: validity of the node certificates it signs", "provisioner"
+    )
+    provisioner_socket: str = option(
+        "/run/directord-provisioner.sock",
+        "the running provisioner's control socket (pause, resume, status, clear)",
+        "provisioner",
+    )
+    provisioner_state: str = option(
+        "/var/lib/directord/provisioner",
+        "where the provisioner keeps enrolled and rejected nodes",
+        "provisioner",
     )
 
     #: every known driver's options, resolved (not an option itself)
@@ -545,7 +616,8 @@ def load_settings(
     flags = dict(flags or {})
     env = read_env(os.environ if environ is None else environ)
     config_file = flags.get("config_file") or env.get("config_file")
-    required = config_file is not None
+    # A node in provisioning mode is given the path its configuration will be written to.
+    required = config_file is not None and not flags.get("provision")
     values = read_config_file(config_file or DEFAULT_CONFIG_FILE, required=required)
     values.update(env)
     for name, value in flags.items():
@@ -574,6 +646,14 @@ def load_settings(
         )
     if not 0 <= settings.reboot_grace < math.inf:
         raise ConfigError("reboot_grace must be a finite number >= 0", key="reboot_grace")
+    if not 0 <= settings.reprovision_before < math.inf:
+        raise ConfigError(
+            "reprovision_before must be a finite number >= 0", key="reprovision_before"
+        )
+    if not 0 < settings.helper_timeout < math.inf:
+        raise ConfigError("helper_timeout must be a finite number > 0", key="helper_timeout")
+    if settings.provisioner_workers < 1:
+        raise ConfigError("provisioner_workers must be at least 1", key="provisioner_workers")
     return settings
 
 

@@ -217,6 +217,7 @@ def test_second_client_with_a_connected_identity_is_refused(make_cluster: Any) -
         wait_for(
             lambda: "already connected" in log.read_text(errors="replace"),
             "the impostor to be refused",
+            timeout=60,  # a client's start on a loaded 2-core machine
         )
         assert "identity 'node0' is already connected" in log_text(c, "server")
         reply = c.json("exec", "--verb", "RUN", "echo still-me", "--wait")

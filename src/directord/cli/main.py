@@ -29,6 +29,7 @@ SCOPES = {
     "manage": {"user"},
     "demo": set(),
     "pki": {"pki"},
+    "provisioner": {"provisioner"},
     "bootstrap": set(),
     "unit-file": set(),
     "units": {"user"},
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="directord", description="Asynchronous deployment and operations platform."
     )
     parser.add_argument("--version", action="version", version=f"directord {__version__}")
-    _add_options(parser, {"server", "client", "user", "pki"})
+    _add_options(parser, {"server", "client", "user", "pki", "provisioner"})
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bootstrap_args(p)
 
+    p = sub.add_parser("provisioner", help="enrol new nodes: run the provisioner, or control it")
+    _add_options(p, SCOPES["provisioner"])
+    from directord.cli.provisioner import add_arguments as provisioner_args
+
+    provisioner_args(p)
+
     p = sub.add_parser("units", help="systemd units on the nodes (list, start, monitor ...)")
     _add_options(p, SCOPES["units"])
     from directord.cli.units import add_arguments as units_args
@@ -190,7 +197,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     names = {f.name for f in option_fields()}
     flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k in names}
     # Only the daemons use the secret files; operators need not be able to read them.
-    return load_settings(flags, secrets=ns.command in ("server", "client"))
+    return load_settings(flags, secrets=ns.command in ("server", "client", "provisioner"))
 
 
 def _command_after_target(ns: argparse.Namespace) -> None:
@@ -271,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from directord.cli.bootstrap import run_bootstrap
 
             return run_bootstrap(ns)
+        if command == "provisioner":
+            from directord.cli.provisioner import run_provisioner_command
+
+            return run_provisioner_command(ns, settings)
         if command == "units":
             from directord.cli.units import run_units
 

@@ -184,13 +184,25 @@ def read_request(csr_file: str | Path) -> SigningRequest:
         ConfigError: its CN is not a valid certificate name.
     """
     try:
-        request = x509.load_pem_x509_csr(Path(csr_file).read_bytes())
+        data = Path(csr_file).read_bytes()
     except OSError as exc:
         raise CertificateError(f"{csr_file}: cannot read: {exc.strerror}") from None
+    return parse_request(data, Path(csr_file))
+
+
+def parse_request(data: bytes, where: str | Path) -> SigningRequest:
+    """A CSR's PEM bytes, read and checked (``where`` names it in errors).
+
+    Raises:
+        CertificateError: not PEM, or a signature that does not verify.
+        ConfigError: its CN is not a valid certificate name.
+    """
+    try:
+        request = x509.load_pem_x509_csr(data)
     except ValueError:
-        raise CertificateError(f"{csr_file}: not a PEM certificate request") from None
+        raise CertificateError(f"{where}: not a PEM certificate request") from None
     if not request.is_signature_valid:
-        raise CertificateError(f"{csr_file}: the request's signature is invalid")
+        raise CertificateError(f"{where}: the request's signature is invalid")
     attrs = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = str(attrs[0].value) if attrs else ""
     _check_name(name)
@@ -206,7 +218,7 @@ def read_request(csr_file: str | Path) -> SigningRequest:
             for v in ext
             if not isinstance(v, x509.DNSName | x509.IPAddress)
         ]
-    return SigningRequest(Path(csr_file), name, tuple(sans), tuple(others), request.public_key())
+    return SigningRequest(Path(where), name, tuple(sans), tuple(others), request.public_key())
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +403,20 @@ class PKI:
             self._archive(name, key=False)
         _write_public(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM))
         return self.cert_path(name)
+
+    def sign_pem(
+        self, request: SigningRequest, usage: str = "client", days: int = CERT_DAYS
+    ) -> bytes:
+        """Sign a request already read (:func:`parse_request`), for its CN alone.
+
+        The certificate is kept in ``certs/`` as with :meth:`sign`; returns its PEM.
+        """
+        cert = self._build(request.name, request.public_key, [], usage, days)
+        if self.cert_path(request.name).exists():
+            self._archive(request.name, key=False)
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        _write_public(self.cert_path(request.name), pem)
+        return pem
 
     def _archive(self, name: str, *, cert: bool = True, key: bool = True) -> None:
         stamp = _now().strftime("%Y%m%dT%H%M%S%fZ")
