@@ -338,3 +338,82 @@ def test_a_certificate_near_expiry_is_reprovisioned(program: World) -> None:
     assert "certificate expires soon: re-entering provisioning" in log
     assert log.count("configured: ") == 2
     assert "short" in program.command("status")["waiting"] or "short" in program.online()
+
+
+class RawNode:
+    """A provisioning-mode node played by the test, to send what a real one never would."""
+
+    def __init__(self, world: World, identity: str, machine_id: str) -> None:
+        from directord.protocol import FrameDecoder
+        from directord.protocol.provisioning import FROM_PROVISIONER
+
+        context = ssl.create_default_context(cafile=str(world.ca / "ca.crt"))
+        raw = socket.create_connection(("127.0.0.1", world.port), timeout=30)
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.decoder = FrameDecoder(FROM_PROVISIONER)
+        self.send_announce(identity, machine_id)
+
+    def send_announce(self, identity: str, machine_id: str) -> None:
+        from directord.protocol import frame
+        from directord.protocol.provisioning import Announce
+
+        self.sock.sendall(frame([Announce(identity=identity, machine_id=machine_id, token=TOKEN)]))
+
+    def next(self) -> Any:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            for batch in self.decoder.feed(data):
+                return batch[0]
+
+    def answer(self, rid: int, result: Any) -> None:
+        from directord.protocol import frame
+        from directord.protocol.provisioning import Answer
+
+        self.sock.sendall(frame([Answer(rid=rid, ok=True, result=result)]))
+
+
+def test_a_bad_csr_or_one_for_another_name_is_refused(builtin: World) -> None:
+    from directord.protocol.provisioning import Refused
+    from directord.security.pki import PKI as NodePKI
+
+    before = builtin.metrics()["directord_provisioner_refused_total"]
+    other = NodePKI(str(builtin.root / "raw-pki"))
+    other_csr = other.csr("someone-else").read_text()
+    for name, csr, why in (
+        ("raw1", "not a certificate request", "bad CSR"),
+        ("raw2", other_csr, "the CSR is for 'someone-else', not 'raw2'"),
+    ):
+        node = RawNode(builtin, name, f"m-{name}")
+        try:
+            ask = node.next()
+            assert ask.method == "inventory"
+            node.answer(ask.rid, {"identity": name, "facts": {}, "pki_dir": "/x"})
+            ask = node.next()
+            assert ask.method == "gencsr"
+            node.answer(ask.rid, {"csr": csr})
+            refused = node.next()
+            assert isinstance(refused, Refused) and why in refused.reason
+        finally:
+            node.sock.close()
+    wait_for(
+        lambda: builtin.metrics()["directord_provisioner_refused_total"] >= before + 2,
+        "the two refusals to be counted",
+    )
+    assert not (builtin.ca / "certs" / "raw1.crt").exists()
+
+
+def test_an_identity_enrolled_with_another_machine_is_refused(builtin: World) -> None:
+    from directord.protocol.provisioning import Refused
+
+    builtin.start_node("owned")
+    wait_for(lambda: "owned" in builtin.online(), "owned to join", timeout=90)
+    node = RawNode(builtin, "owned", "m-impostor")
+    try:
+        refused = node.next()
+        assert isinstance(refused, Refused)
+        assert refused.reason == "owned is enrolled already, with another machine id"
+    finally:
+        node.sock.close()
+    assert "owned" in builtin.online()

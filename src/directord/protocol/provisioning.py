@@ -32,6 +32,8 @@ class Announce(Message, tag="announce"):
     machine_id: Name
     token: Token
     version: Name = ""
+    #: host facts and the operator's --provisioning-facts (the whole frame is bounded)
+    facts: dict[str, Any] = {}
 
 
 class Answer(Message, tag="answer"):

@@ -166,6 +166,7 @@ class ProvisioningNode:
             machine_id=self.machine_id,
             token=self.settings.provisioning_token,
             version=__version__,
+            facts={**host_facts(), **self.extra_facts},
         )
         try:
             writer.write(frame([announce]))
