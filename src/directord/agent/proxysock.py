@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 from directord.agent.uplink import Uplink
@@ -26,6 +27,23 @@ MAX_REQUEST = 4096
 READ_TIMEOUT = 10.0
 
 
+# sun_path holds 108 bytes: a deeper run directory is reached through a descriptor.
+SUN_PATH_MAX = 100
+
+
+@contextlib.contextmanager
+def reachable(path: str) -> Iterator[str]:
+    """``path``, or the same socket as ``/proc/self/fd/N/NAME`` when ``path`` is too long."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
+
+
 class ProxySocket:
     """Serves one JSON line per connection: ``{"op", "node", "unit"}`` → the server's answer."""
 
@@ -35,15 +53,24 @@ class ProxySocket:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        """Listen; a client that cannot (an odd run directory) runs on without proxies."""
+        try:
+            await self._listen()
+        except OSError as exc:
+            log.warning("no proxy socket at %s (%s): directord-proxy@ units cannot reach "
+                        "this client", self.path, exc.strerror or exc)  # fmt: skip
+
+    async def _listen(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)  # the last client's: nothing listens there now
         old = os.umask(0o177)  # born 0600: no moment when another user may connect
         try:
-            self._server = await asyncio.start_unix_server(
-                self._handle, path=self.path, limit=MAX_REQUEST
-            )
+            with reachable(self.path) as path:
+                self._server = await asyncio.start_unix_server(
+                    self._handle, path=path, limit=MAX_REQUEST
+                )
         finally:
             os.umask(old)
 

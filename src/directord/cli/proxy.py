@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from directord.agent.proxysock import SOCKET_NAME
+from directord.agent.proxysock import SOCKET_NAME, reachable
 from directord.config import Settings
 from directord.errors import ConfigError
 
@@ -62,7 +62,8 @@ def run_proxy(ns: argparse.Namespace, settings: Settings) -> int:
 
 async def _ask(path: str, request: dict[str, str]) -> dict[str, object]:
     try:
-        reader, writer = await asyncio.open_unix_connection(path)
+        with reachable(path) as short:
+            reader, writer = await asyncio.open_unix_connection(short)
     except OSError as exc:
         raise ConfigError(
             f"cannot reach this node's directord client at {path}: {exc.strerror or exc}"
