@@ -52,8 +52,8 @@ fuzz: $(STAMP) setup
 # All three run even when one fails, so one run reports every problem.
 check: $(STAMP)
 	@status=0; \
-	for cmd in "$(BIN)/ruff check src tests bench" \
-	           "$(BIN)/ruff format --check src tests bench" \
+	for cmd in "$(BIN)/ruff check src tests bench examples" \
+	           "$(BIN)/ruff format --check src tests bench examples" \
 	           "$(BIN)/mypy --strict src"; do \
 	  echo "$$cmd"; $$cmd || status=1; \
 	done; exit $$status

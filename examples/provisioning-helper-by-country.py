@@ -14,39 +14,44 @@ leaves the node: only its CSR comes here.
 """
 
 import json
+import os
 import sys
 
 from directord.security.pki import PKI, parse_request
 
-CA = "/etc/directord/pki"
+CA = os.environ.get("DIRECTORD_PKI_DIR", "/etc/directord/pki")
 SERVERS = {"de": "directord.de.example.net", "nl": "directord.nl.example.net"}
+
+
+def answer(reply: dict) -> None:
+    """The helper's one answer: a JSON object on stdout."""
+    sys.stdout.write(json.dumps(reply) + "\n")
+
 
 request = json.load(sys.stdin)
 identity = request["identity"]
 facts = request["inventory"].get("facts", {})
 if identity.startswith("test-"):
-    print(json.dumps({"reject": True, "msg": "test machines are not enrolled"}))
+    answer({"reject": True, "msg": "test machines are not enrolled"})
     sys.exit(0)
 server = SERVERS.get(str(facts.get("country", "")).lower())
 if server is None:
-    print(json.dumps({"defer": True, "msg": f"no server for country {facts.get('country')!r}"}))
+    answer({"defer": True, "msg": f"no server for country {facts.get('country')!r}"})
     sys.exit(0)
 pki = PKI(CA)
 certificate = pki.sign_pem(parse_request(request["csr"].encode(), identity), "client", 90)
 node_pki = request["inventory"]["pki_dir"]
-print(
-    json.dumps(
-        {
-            "certificate": certificate.decode(),
-            "ca": pki.ca_cert_path.read_text(),
-            "configuration": {
-                "grpc_server_address": server,
-                "grpc_ssl": True,
-                "grpc_ssl_client_auth": True,
-                "grpc_ssl_ca": f"{node_pki}/ca.crt",
-                "grpc_ssl_cert": f"{node_pki}/certs/{identity}.crt",
-                "grpc_ssl_key": f"{node_pki}/private/{identity}.key",
-            },
-        }
-    )
+answer(
+    {
+        "certificate": certificate.decode(),
+        "ca": pki.ca_cert_path.read_text(),
+        "configuration": {
+            "grpc_server_address": server,
+            "grpc_ssl": True,
+            "grpc_ssl_client_auth": True,
+            "grpc_ssl_ca": f"{node_pki}/ca.crt",
+            "grpc_ssl_cert": f"{node_pki}/certs/{identity}.crt",
+            "grpc_ssl_key": f"{node_pki}/private/{identity}.key",
+        },
+    }
 )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 
+from directord.config import Settings
 from directord.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_bootstrap(ns: argparse.Namespace) -> int:
+def run_bootstrap(ns: argparse.Namespace, settings: Settings) -> int:
     """Bootstrap every host; exit 1 if any failed."""
     from directord.bootstrap import catalog as catalogs
     from directord.bootstrap.ssh import HostResult, SshSettings, bootstrap
@@ -59,7 +60,7 @@ def run_bootstrap(ns: argparse.Namespace) -> int:
     if ns.threads < 1:
         raise ConfigError("--threads must be at least 1", key="threads")
     catalog = catalogs.load(ns.catalog)
-    settings = SshSettings(
+    ssh = SshSettings(
         key_files=tuple(ns.key_file),
         known_hosts=ns.known_hosts,
         insecure_host_keys=ns.insecure_host_keys,
@@ -72,7 +73,7 @@ def run_bootstrap(ns: argparse.Namespace) -> int:
     def report(result: HostResult) -> None:
         print(result.line(), flush=True)
 
-    results = asyncio.run(bootstrap(catalog, settings, report))
+    results = asyncio.run(bootstrap(catalog, ssh, report))
     failed = [r.host.name or r.host.host for r in results if not r.ok]
     if failed:
         print(f"bootstrap: {len(failed)} of {len(results)} hosts failed: {', '.join(failed)}")

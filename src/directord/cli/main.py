@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from directord import __version__
@@ -31,9 +32,42 @@ SCOPES = {
     "pki": {"pki"},
     "provisioner": {"provisioner"},
     "bootstrap": set(),
-    "unit-file": set(),
     "units": {"user"},
     "proxy": set(),
+}
+
+# Commands whose code lives in a module of its own, imported only when used:
+# name -> (module, its run function, help). Each module has add_arguments(parser),
+# and the run function takes (namespace, settings) and returns the exit status.
+MODULE_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "manage": ("directord.cli.manage", "run_manage", "inspect and manage the cluster"),
+    "pki": ("directord.cli.pki", "run_pki", "the built-in certificate authority"),
+    "bootstrap": (
+        "directord.cli.bootstrap",
+        "run_bootstrap",
+        "set up servers and clients over SSH from catalogs",
+    ),
+    "provisioner": (
+        "directord.cli.provisioner",
+        "run_provisioner_command",
+        "enrol new nodes: run the provisioner, or control it",
+    ),
+    "units": (
+        "directord.cli.units",
+        "run_units",
+        "systemd units on the nodes (list, start, monitor ...)",
+    ),
+    "proxy": (
+        "directord.cli.proxy",
+        "run_proxy",
+        "what a directord-proxy@ unit runs (a unit on another node)",
+    ),
+    # No options: it prints a file.
+    "unit-file": (
+        "directord.cli.unitfile",
+        "run_unit_file",
+        "print a systemd unit that runs this installation",
+    ),
 }
 
 
@@ -115,46 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(p)
 
-    p = sub.add_parser("manage", help="inspect and manage the cluster")
-    _add_options(p, SCOPES["manage"])
-    from directord.cli.manage import add_arguments as manage_args
-
-    manage_args(p)
-
-    p = sub.add_parser("pki", help="the built-in certificate authority")
-    _add_options(p, SCOPES["pki"])
-    from directord.cli.pki import add_arguments as pki_args
-
-    pki_args(p)
-
-    p = sub.add_parser("bootstrap", help="set up servers and clients over SSH from catalogs")
-    _add_options(p, SCOPES["bootstrap"])
-    from directord.cli.bootstrap import add_arguments as bootstrap_args
-
-    bootstrap_args(p)
-
-    p = sub.add_parser("provisioner", help="enrol new nodes: run the provisioner, or control it")
-    _add_options(p, SCOPES["provisioner"])
-    from directord.cli.provisioner import add_arguments as provisioner_args
-
-    provisioner_args(p)
-
-    p = sub.add_parser("units", help="systemd units on the nodes (list, start, monitor ...)")
-    _add_options(p, SCOPES["units"])
-    from directord.cli.units import add_arguments as units_args
-
-    units_args(p)
-
-    p = sub.add_parser("proxy", help="what a directord-proxy@ unit runs (a unit on another node)")
-    _add_options(p, SCOPES["proxy"])
-    from directord.cli.proxy import add_arguments as proxy_args
-
-    proxy_args(p)
-
-    p = sub.add_parser("unit-file", help="print a systemd unit that runs this installation")
-    from directord.cli.unitfile import add_arguments as unit_file_args
-
-    unit_file_args(p)
+    for name, (module, _, text) in MODULE_COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if name in SCOPES:
+            _add_options(p, SCOPES[name])
+        importlib.import_module(module).add_arguments(p)
 
     p = sub.add_parser("demo", help="start a throwaway local cluster and run a sample")
     _add_options(p, SCOPES["demo"])
@@ -266,34 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from directord.cli.jobs import run_jobs
 
             return run_jobs(command, ns, settings)
-        if command == "manage":
-            from directord.cli.manage import run_manage
-
-            return run_manage(ns, settings)
-        if command == "pki":
-            from directord.cli.pki import run_pki
-
-            return run_pki(ns, settings)
-        if command == "bootstrap":
-            from directord.cli.bootstrap import run_bootstrap
-
-            return run_bootstrap(ns)
-        if command == "provisioner":
-            from directord.cli.provisioner import run_provisioner_command
-
-            return run_provisioner_command(ns, settings)
-        if command == "units":
-            from directord.cli.units import run_units
-
-            return run_units(ns, settings)
-        if command == "proxy":
-            from directord.cli.proxy import run_proxy
-
-            return run_proxy(ns, settings)
-        if command == "unit-file":
-            from directord.cli.unitfile import run_unit_file
-
-            return run_unit_file(ns)
+        if command in MODULE_COMMANDS:
+            module, function, _ = MODULE_COMMANDS[command]
+            run: Callable[[argparse.Namespace, Settings], int]
+            run = getattr(importlib.import_module(module), function)
+            return run(ns, settings)
         if command == "demo":
             from directord.cli.demo import run_demo
 

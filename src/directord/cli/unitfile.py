@@ -14,6 +14,8 @@ import os
 import sys
 from importlib import resources
 
+from directord.config import Settings
+
 UNITS = {
     "client": "directord-client.service",
     "server": "directord-server.service",
@@ -36,7 +38,7 @@ def executable() -> str:
     return f"{os.path.abspath(sys.executable)} -m directord"
 
 
-def run_unit_file(ns: argparse.Namespace) -> int:
+def run_unit_file(ns: argparse.Namespace, settings: Settings) -> int:
     """Print the unit."""
     text = (resources.files("directord") / "systemd" / UNITS[ns.unit]).read_text("utf-8")
     here = executable()

@@ -93,22 +93,71 @@ async def run_program(path: str, request: dict[str, Any], timeout: float) -> Dec
     except OSError as exc:
         raise HelperError(f"cannot run {path}: {exc.strerror or exc}") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(request).encode()), timeout)
+        out, err = await asyncio.wait_for(_exchange(proc, json.dumps(request).encode()), timeout)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await _reap(proc)
         raise HelperError(f"{path} did not answer within {timeout:g}s; killed") from None
+    except HelperError as exc:
+        await _reap(proc)
+        raise HelperError(f"{path} {exc}") from None
     if proc.returncode != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no stderr)"]
         raise HelperError(f"{path} exited {proc.returncode}: {tail[0][:500]}")
-    if len(out) > MAX_HELPER_OUTPUT:
-        raise HelperError(f"{path} printed over {MAX_HELPER_OUTPUT} bytes")
     try:
         data = json.loads(out)
     except ValueError:
         raise HelperError(f"{path} did not print JSON") from None
     return decision_from(data)
+
+
+async def _exchange(proc: asyncio.subprocess.Process, data: bytes) -> tuple[bytes, bytes]:
+    """Write the request, read stdout (bounded) and the end of stderr, wait for the exit."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
+    stdout, stderr = proc.stdout, proc.stderr
+
+    async def out() -> bytes:
+        kept = bytearray()
+        while chunk := await stdout.read(65536):
+            kept += chunk
+            if len(kept) > MAX_HELPER_OUTPUT:  # a runaway helper must not fill our memory
+                raise HelperError(f"printed over {MAX_HELPER_OUTPUT} bytes; killed")
+        return bytes(kept)
+
+    async def err() -> bytes:
+        kept = bytearray()
+        while chunk := await stderr.read(65536):
+            kept = (kept + chunk)[-8192:]
+        return bytes(kept)
+
+    readers = [asyncio.create_task(out()), asyncio.create_task(err())]
+    try:
+        result = await asyncio.gather(*readers)
+    except BaseException:
+        for task in readers:  # neither may be left reading a pipe _reap must drain
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        raise
+    await proc.wait()
+    return result[0], result[1]
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill the helper's process group, drain its pipes, and wait for it.
+
+    Undrained, a full pipe would stop the transport reading, its end would never
+    be seen, and wait() would never return.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            while await stream.read(65536):
+                pass
+    await proc.wait()
 
 
 class BuiltinHelper:

@@ -32,7 +32,7 @@ from directord.components.facts import (
     os_release,
     read_bounded,
 )
-from directord.config import Settings
+from directord.config import Settings, option_fields
 from directord.errors import ConfigError, ProtocolError
 from directord.protocol import FrameDecoder, frame
 from directord.protocol.provisioning import (
@@ -228,6 +228,12 @@ class ProvisioningNode:
             raise ValueError("configure needs configuration (a mapping)")
         if "BEGIN CERTIFICATE" not in certificate or "BEGIN CERTIFICATE" not in ca:
             raise ValueError("certificate and ca must be PEM certificates")
+        # Refused here, the node stays in provisioning and the provisioner logs why;
+        # written, the client would refuse it at restart and the node would be lost.
+        known = {f.name for f in option_fields()}
+        unknown = sorted(str(k) for k in configuration if k not in known or k == "config_file")
+        if unknown:
+            raise ValueError(f"configuration has unknown keys: {', '.join(unknown)[:500]}")
         write_atomic(self.pki.cert_path(self.identity), certificate.encode(), 0o644)
         write_atomic(self.pki.ca_cert_path, ca.encode(), 0o644)
         config = dict(configuration)
