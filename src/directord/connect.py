@@ -33,7 +33,7 @@ from directord.errors import (
     ServerUnavailable,
     remote_error,
 )
-from directord.models import SourceFile
+from directord.models import JobSpec, SourceFile
 from directord.protocol import FROM_API, ApiEvent, ApiReply, ApiRequest, Bye, FrameDecoder, frame
 from directord.units import MonitorEvent, NodeReply, UnitsError
 
@@ -276,22 +276,26 @@ def prepare_files(
     Raises:
         OrchestrationError: a file is missing or unreadable (file and line named).
     """
-    from directord.components import build_job
+    from directord.components import build_job, job_key
 
     out: list[dict[str, Any]] = []
     sources: list[SourceFile] = []
+    built: dict[str, JobSpec] = {}  # a job repeated is prepared once
     for orch in orchestrations:
         jobs = []
         for index, job in enumerate(orch.get("jobs") or []):
             line = job.get("line")
-            spec = build_job(
-                str(job["verb"]),
-                str(job.get("args", "")),
-                job_vars=job.get("vars"),
-                cwd=cwd,
-                where=str(orch.get("source") or "<library>"),
-                line=int(line) if line is not None else index + 1,
-            )
+            key = job_key(job)
+            spec = built.get(key)
+            if spec is None:
+                spec = built[key] = build_job(
+                    str(job["verb"]),
+                    str(job.get("args", "")),
+                    job_vars=job.get("vars"),
+                    cwd=cwd,
+                    where=str(orch.get("source") or "<library>"),
+                    line=int(line) if line is not None else index + 1,
+                )
             if spec.files:
                 job = {**job, "files": [f.to_dict() for f in spec.files]}
                 if not restrict or any(spec.sha.startswith(r) for r in restrict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import stat
@@ -244,6 +245,17 @@ def get_component(verb: str) -> Component:
         )
     inst = _INSTANCES[key] = cls()
     return inst
+
+
+def job_key(job: Mapping[str, Any]) -> str:
+    """What building a job depends on, as one string: its verb, arguments and vars.
+
+    Jobs with the same key build the same way (in the same directory), so an
+    orchestration that repeats a job is checked and prepared once.
+    """
+    return json.dumps(
+        [str(job["verb"]), str(job.get("args", "")), job.get("vars")], sort_keys=True, default=repr
+    )
 
 
 def build_job(
