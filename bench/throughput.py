@@ -5,8 +5,11 @@ Prints wall seconds, jobs/s, the machine's spawn floor measured in the same run
 cores), the CPU each kind of process spent per job (server, agents, the shells
 they ran, the CLI), read from /proc, and p50/p95 of one exec --wait round trip
 through the user API. CPU per job is the figure that carries between machines.
+Then the memory each process holds after the run (resident, and its peak), and
+what the idle cluster costs: the CPU of the server and agents over
+``--idle-seconds`` with nothing to do but heartbeats (every 2 s).
 
-    python bench/throughput.py [--nodes 6] [--jobs 1000] [--rounds 100]
+    python bench/throughput.py [--nodes 6] [--jobs 1000] [--rounds 100] [--idle-seconds 30]
 """
 
 from __future__ import annotations
@@ -47,6 +50,22 @@ def cluster_cpu(cluster: LocalCluster) -> dict[str, float]:
     return {"server": server, "agents": agents, "shells": shells}
 
 
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(resident, peak resident) MiB of a process, from /proc."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
+
+
+def idle_percent(cluster: LocalCluster, seconds: float) -> float:
+    """CPU of the server and every agent over ``seconds`` of idling, in % of one core."""
+    before = cluster_cpu(cluster)
+    time.sleep(seconds)
+    after = cluster_cpu(cluster)
+    return (after["server"] + after["agents"] - before["server"] - before["agents"]) / seconds * 100
+
+
 def spawn_floor(total_jobs: int, samples: int = 500) -> tuple[float, float]:
     """(seconds per spawn, floor seconds for total_jobs on this machine's cores)."""
     start = time.perf_counter()
@@ -80,6 +99,9 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=100, help="exec --wait samples")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=30.0, help="how long the idle cost is measured"
+    )
     parser.add_argument("--server-arg", action="append", default=[])
     parser.add_argument("--client-arg", action="append", default=[])
     parser.add_argument("--driver", default="grpc", choices=("grpc", "zmq", "messaging", "nats"))
@@ -162,7 +184,7 @@ def run(
         with LocalCluster(
             Path(tmp) / "cluster",
             args.nodes,
-            heartbeat=30,
+            heartbeat=2,
             driver=args.driver,
             server_args=server_args,
             client_args=client_args,
@@ -186,6 +208,11 @@ def run(
             cli_wall = time.perf_counter() - t0
             assert one.returncode == 0, one.stderr
             lat = asyncio.run(exec_latency(cluster.socket_path, args.rounds))
+            assert cluster.server is not None
+            server_mem = memory_mib(cluster.server.pid)
+            client_mem = max(memory_mib(p.pid) for p in cluster.clients.values())
+            time.sleep(3)  # let the last results and acks settle before idling
+            idle = idle_percent(cluster, args.idle_seconds)
     lat.sort()
     p50 = statistics.median(lat)
     p95 = lat[int(len(lat) * 0.95) - 1]
@@ -195,7 +222,7 @@ def run(
         f"[{label}] spawn floor     {floor:8.2f} s   ({per_spawn * 1000:.3f} ms/spawn, "
         f"{os.cpu_count()} cores)"
     )
-    print(f"[{label}] wall / floor    {wall / floor:8.2f} x  (target <= 1.5)")
+    print(f"[{label}] wall / floor    {wall / floor:8.2f} x  (target <= 1.3)")
     per_job = "  ".join(f"{k} {v / total * 1000:.3f}" for k, v in cpu.items())
     print(f"[{label}] CPU ms per job  {per_job}")
     print(
@@ -205,6 +232,14 @@ def run(
     print(
         f"[{label}] exec --wait CLI {cli_wall * 1000:.0f} ms wall, one run, "
         "including interpreter start"
+    )
+    print(
+        f"[{label}] memory MiB      server {server_mem[0]:.0f} (peak {server_mem[1]:.0f})  "
+        f"largest agent {client_mem[0]:.0f} (peak {client_mem[1]:.0f})"
+    )
+    print(
+        f"[{label}] idle            {idle:.2f} % of one core, server and {args.nodes} agents, "
+        f"over {args.idle_seconds:g} s (heartbeats every 2 s)"
     )
     return 0
 

@@ -251,3 +251,35 @@ def test_a_process_of_another_user_naming_the_job_is_not_taken_for_it(
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_output_files_of_running_jobs_are_cut_back_on_one_shared_timer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs writing without end: while they run, each file stays near the cap."""
+    from directord.agent import jobprocs
+
+    monkeypatch.setattr(jobprocs, "MAX_CAPTURE", 1000)
+    monkeypatch.setattr(jobprocs, "CAP_INTERVAL", 0.05)
+    line = "0123456789" * 4
+    writer = f"i=0; while [ $i -lt 400 ]; do echo {line}; i=$((i+1)); sleep 0.002; done"
+    sizes: list[int] = []
+
+    async def both() -> list[Any]:
+        jobs = [ProcFiles.of(tmp_path, f"{JOB}-{n}") for n in range(2)]
+        tasks = [
+            asyncio.create_task(
+                run_durable(writer, f, f"{JOB}-{n}", timeout=30, leave=_never_leave)
+            )
+            for n, f in enumerate(jobs)
+        ]
+        while not all(t.done() for t in tasks):
+            await asyncio.sleep(0.1)
+            # Past the cap the writer goes on into a hole: count the blocks held.
+            sizes.extend(os.stat(f.out).st_blocks * 512 for f in jobs if os.path.exists(f.out))
+        return [t.result() for t in tasks]
+
+    results = run(both())
+    assert [r.rc for r in results] == [0, 0]
+    assert all(len(r.stdout) == 1000 for r in results)
+    assert sizes and max(sizes) < 16_000, sizes  # unbounded, each would reach 16.4 kB

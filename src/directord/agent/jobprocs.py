@@ -29,6 +29,7 @@ import os
 import shlex
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,6 +194,44 @@ class _Tail:
                 self.on_output(name, rest.decode("utf-8", "replace"))
 
 
+class _Capper:
+    """Cuts back the output files of every running job of a loop, on one timer for all.
+
+    A timer per job cost every job a timer to arm and cancel, and an idle
+    wake-up a second per running job.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.files: set[ProcFiles] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, files: ProcFiles) -> None:
+        self.files.add(files)
+        if self.timer is None:
+            self.timer = self.loop.call_later(CAP_INTERVAL, self._tick)
+
+    def discard(self, files: ProcFiles) -> None:
+        self.files.discard(files)
+
+    def _tick(self) -> None:
+        for files in list(self.files):
+            files.cap()
+        self.timer = self.loop.call_later(CAP_INTERVAL, self._tick) if self.files else None
+
+
+_cappers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Capper] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _capper(loop: asyncio.AbstractEventLoop) -> _Capper:
+    capper = _cappers.get(loop)
+    if capper is None:
+        capper = _cappers[loop] = _Capper(loop)
+    return capper
+
+
 class _Watch:
     """Waits for one job process: its exit, its deadline, and (``--stream``) its output."""
 
@@ -212,8 +251,12 @@ class _Watch:
             if deadline is not None
             else None
         )
-        self.interval = TAIL_INTERVAL if tail is not None else CAP_INTERVAL
-        self.ticker = self.loop.call_later(self.interval, self._tick)
+        # A --stream job is read (and cut back) often; the others share one timer.
+        self.ticker: asyncio.TimerHandle | None = None
+        if tail is not None:
+            self.ticker = self.loop.call_later(TAIL_INTERVAL, self._tick)
+        else:
+            _capper(self.loop).add(files)
 
     def _exited(self) -> None:
         if not self.exited.done():
@@ -227,14 +270,17 @@ class _Watch:
         if self.tail is not None:
             self.tail.poll()
         self.files.cap()
-        self.ticker = self.loop.call_later(self.interval, self._tick)
+        self.ticker = self.loop.call_later(TAIL_INTERVAL, self._tick)
 
     def close(self) -> None:
         self.loop.remove_reader(self.pidfd)
         os.close(self.pidfd)
         if self.timer is not None:
             self.timer.cancel()
-        self.ticker.cancel()
+        if self.ticker is not None:
+            self.ticker.cancel()
+        else:
+            _capper(self.loop).discard(self.files)
 
 
 async def _watch(
