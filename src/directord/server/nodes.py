@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NS = "nodes"
+# A heartbeat's time reaches the datastore at most this often per node: it is
+# only shown (``--list-nodes`` after a restart), and a write per heartbeat was
+# most of what an idle server spent.
+SEEN_PERSIST_INTERVAL = 30.0
 
 
 class NodeRegistry:
@@ -31,6 +35,7 @@ class NodeRegistry:
         self.reboot_grace = reboot_grace
         self.records: dict[str, NodeRecord] = {}
         self.sessions: dict[str, AgentSession] = {}
+        self._seen_persisted: dict[str, float] = {}
 
     def load(self, stored: dict[str, dict[str, Any]]) -> None:
         """Adopt stored nodes; all start offline until they reconnect."""
@@ -62,6 +67,7 @@ class NodeRegistry:
         self.records[identity] = rec
         self.sessions[identity] = session
         self._persister.put(NS, identity, rec)
+        self._seen_persisted[identity] = now
         log.info(
             "node %s joined from %s (driver %s, version %s)",
             identity,
@@ -88,8 +94,9 @@ class NodeRegistry:
         """Note a sign of life."""
         rec = self.records.get(identity)
         if rec is not None:
-            rec.last_seen = time.time()
-            if persist:
+            rec.last_seen = now = time.time()
+            if persist and now - self._seen_persisted.get(identity, 0.0) >= SEEN_PERSIST_INTERVAL:
+                self._seen_persisted[identity] = now
                 self._persister.put(NS, identity, rec)
 
     def online(self) -> list[str]:
