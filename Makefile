@@ -5,7 +5,8 @@
 #                it first installs and starts what the tests need (.ci/setup)
 #   make fuzz    the hypothesis fuzzers against live listeners, long (5000 examples each)
 #   make check   ruff lint, ruff format check, mypy --strict
-#   make bench   the throughput benchmark (bench/throughput.py)
+#   make bench   the throughput benchmark (bench/throughput.py); bench/cli_start.py
+#                times the CLI's start-up
 #   make soak    30 minutes of orchestrations under SIGKILLs (bench/soak.py)
 #
 # Every target first makes sure .venv exists and holds directord with its dev
@@ -32,6 +33,9 @@ $(STAMP): pyproject.toml
 	  { echo "'$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; \
 	    rm -rf $(VENV); exit 1; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# The editable install leaves src/ without .pyc files; where PYTHONDONTWRITEBYTECODE
+	@# is set, every run would compile directord again (tens of ms per CLI command).
+	$(BIN)/python -m compileall -q src >/dev/null
 	@touch $@
 
 venv: $(STAMP)

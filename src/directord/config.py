@@ -36,14 +36,14 @@ import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Self, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, Self, TypeVar, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
-
 from directord.errors import ConfigError
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 DEFAULT_CONFIG_FILE = "/etc/directord/config.yaml"
 ENV_PREFIX = "DIRECTORD_"
@@ -359,6 +359,16 @@ class Drivers:
     types: Mapping[str, type]
 
 
+def entry_points(*, group: str) -> list[EntryPoint]:
+    """The entry points registered in ``group`` by the installed distributions.
+
+    Tests replace it to register drivers of their own.
+    """
+    from importlib.metadata import entry_points as installed
+
+    return list(installed(group=group))
+
+
 def driver_entry_points() -> dict[str, EntryPoint]:
     """The entry points of the ``directord.transports`` group, by driver name."""
     return {ep.name: ep for ep in entry_points(group=TRANSPORT_GROUP)}
@@ -492,6 +502,10 @@ def read_config_file(path: str, *, required: bool) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", source=path) from None
+    # Imported here, once a file is there to parse: most commands on most machines
+    # have none, and the CLI's start-up would pay for the import (about 10 ms).
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from directord.config import Settings
@@ -35,7 +35,10 @@ from directord.errors import (
 )
 from directord.models import JobSpec, SourceFile
 from directord.protocol import FROM_API, ApiEvent, ApiReply, ApiRequest, Bye, FrameDecoder, frame
-from directord.units import MonitorEvent, NodeReply, UnitsError
+
+if TYPE_CHECKING:
+    # Imported by the methods that use them: the CLI's exec needs none of it.
+    from directord.units import MonitorEvent, NodeReply
 
 DEFAULT_SOCKET = "/var/run/directord.sock"
 #: Bytes per ``file_put`` (the server takes at most this much at once).
@@ -613,7 +616,7 @@ class DirectordConnect:
         Raises:
             UnitsError: a node named is unknown or offline.
         """
-        from directord.units import online_nodes, run_unit_job, unit_args
+        from directord.units import UnitsError, online_nodes, run_unit_job, unit_args
 
         async def run() -> list[NodeReply]:
             chosen = await online_nodes(self._client, nodes)

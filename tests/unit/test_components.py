@@ -694,3 +694,43 @@ def test_new_directories_are_0755_under_the_agents_umask(tmp_path: Path) -> None
     assert (tmp_path / "keep" / "a").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "keep" / "a" / "b").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "leaf").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_component_is_imported_when_its_verb_is_first_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A command running one verb imports that component only; a broken plugin is
+    # logged and skipped when loaded, and a user's file for its verb takes its place.
+    from importlib.metadata import EntryPoint
+
+    import directord.components as registry
+
+    group = "directord.components"
+    found = [
+        EntryPoint("ECHO", "directord.components.no_such_module:Echo", group),
+        EntryPoint("ECHO", "directord.components.echo:Echo", group),
+        EntryPoint("BROKEN", "directord.components.no_such_module:Broken", group),
+        EntryPoint("MINE", "directord.components.no_such_module:Mine", group),
+    ]
+    monkeypatch.setattr(registry, "_entry_points", lambda: found)
+    folder = tmp_path / "components"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    _user_component(folder / "mine.py", "MINE")
+    _user_component(folder / "echo.py", "ECHO")
+    monkeypatch.setattr(registry, "_USER_DIR", str(folder))
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_INSTANCES", {})
+    monkeypatch.setattr(registry, "_SOURCES", {})
+    assert get_component("echo").verb == "ECHO"  # the last registration that loads
+    assert registry.source_of("ECHO") is None
+    assert isinstance(registry._REGISTRY["BROKEN"], registry._Unloaded)
+    assert not caplog.records
+    assert get_component("MINE").summary == "test"  # its entry point is broken
+    assert registry.source_of("MINE") is not None
+    with pytest.raises(ComponentArgsError, match="unknown verb 'BROKEN'"):
+        get_component("BROKEN")
+    assert known_verbs() == ["ECHO", "MINE"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    # The first ECHO is never imported: the last registration of a verb wins.
+    assert len(errors) == 2 and all("No module named" in e for e in errors), errors

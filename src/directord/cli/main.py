@@ -6,12 +6,10 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from directord import __version__
-from directord.config import Settings, load_settings, option_fields, option_type
 from directord.errors import (
     ConfigError,
     DirectordError,
@@ -19,7 +17,12 @@ from directord.errors import (
     OrchestrationError,
     ServerUnavailable,
 )
-from directord.security.identities import identity_problem
+
+if TYPE_CHECKING:
+    from directord.config import Settings
+
+# The rest of directord is imported where it is used: `directord --version` needs
+# none of it, and each command only its own part.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 SCOPES = {
@@ -78,6 +81,8 @@ def _add_options(parser: argparse.ArgumentParser, scopes: set[str]) -> None:
     driver's, whichever driver is selected: a script passing another driver's
     flags keeps working.
     """
+    from directord.config import option_fields, option_type
+
     for f in option_fields():
         wanted = f.metadata["scopes"]
         if "all" not in wanted and not (wanted & scopes):
@@ -98,17 +103,85 @@ def _add_options(parser: argparse.ArgumentParser, scopes: set[str]) -> None:
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
-    parser = argparse.ArgumentParser(
-        prog="directord", description="Asynchronous deployment and operations platform."
-    )
-    parser.add_argument("--version", action="version", version=f"directord {__version__}")
-    _add_options(parser, {"server", "client", "user", "pki", "provisioner"})
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+if TYPE_CHECKING:
+    _SubParsersAction = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsersAction = argparse._SubParsersAction
 
-    p = sub.add_parser("server", help="run the server")
+
+class _Commands(_SubParsersAction):
+    """The subcommands; a command's parser can get its arguments only once chosen.
+
+    Adding every command's arguments costs more than the rest of a short
+    command (each module command imports its module, with what it imports in
+    turn). A command in :attr:`fills` gets its arguments when argparse hands
+    the command's words to its parser, before they are parsed: the parse, its
+    errors and ``directord COMMAND --help`` are the same as with every command
+    filled, and ``directord --help`` lists every command with its help.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: command -> the function adding its arguments, for the commands not filled yet
+        self.fills: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if values:
+            name = values[0]
+            fill = self.fills.pop(name, None)
+            if fill is not None:
+                fill(self.choices[name])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _version_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="directord")
+    parser.add_argument("--version", action="version", version=f"directord {__version__}")
+    return parser
+
+
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The whole command line.
+
+    Args:
+        lazy: give a command its arguments only when it is the one parsed (what
+            :func:`main` uses); otherwise every command has them now.
+    """
+    parser = _version_parser()
+    parser.description = "Asynchronous deployment and operations platform."
+    _add_options(parser, {"server", "client", "user", "pki", "provisioner"})
+    sub = cast(
+        _Commands, parser.add_subparsers(dest="command", metavar="COMMAND", action=_Commands)
+    )
+    sub.required = True
+    for name, text, fill in _commands():
+        p = sub.add_parser(name, help=text)
+        if lazy:
+            sub.fills[name] = fill
+        else:
+            fill(p)
+    return parser
+
+
+def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]]:
+    """Every command, in the order of the help: (name, help, the function adding its arguments)."""
+    return [
+        ("server", "run the server", _server_arguments),
+        ("client", "run the node agent", _client_arguments),
+        ("exec", "run one job on the nodes", _exec_arguments),
+        ("orchestrate", "run orchestration files", _orchestrate_arguments),
+        *[(name, text, _module_arguments(name)) for name, (_, _, text) in MODULE_COMMANDS.items()],
+        ("demo", "start a throwaway local cluster and run a sample", _demo_arguments),
+    ]
+
+
+def _server_arguments(p: argparse.ArgumentParser) -> None:
     _add_options(p, SCOPES["server"])
     p.add_argument(
         "--zmq-generate-keys",
@@ -122,16 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="with --zmq-generate-keys: a keypair bound to this node (repeatable)",
     )
-    p = sub.add_parser("client", help="run the node agent")
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
     _add_options(p, SCOPES["client"])
 
-    p = sub.add_parser("exec", help="run one job on the nodes")
+
+def _exec_arguments(p: argparse.ArgumentParser) -> None:
     _add_options(p, SCOPES["exec"])
     p.add_argument("--verb", required=True, help="component verb, e.g. RUN")
     p.add_argument("args", nargs="*", help="the verb's arguments, e.g. 'echo hello'")
     _add_run_options(p)
 
-    p = sub.add_parser("orchestrate", help="run orchestration files")
+
+def _orchestrate_arguments(p: argparse.ArgumentParser) -> None:
     _add_options(p, SCOPES["orchestrate"])
     p.add_argument("files", nargs="+", help="orchestration YAML files")
     p.add_argument(
@@ -149,17 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(p)
 
-    for name, (module, _, text) in MODULE_COMMANDS.items():
-        p = sub.add_parser(name, help=text)
+
+def _module_arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """What adds the arguments of a module command: it imports the module."""
+
+    def fill(p: argparse.ArgumentParser) -> None:
         if name in SCOPES:
             _add_options(p, SCOPES[name])
-        importlib.import_module(module).add_arguments(p)
+        importlib.import_module(MODULE_COMMANDS[name][0]).add_arguments(p)
 
-    p = sub.add_parser("demo", help="start a throwaway local cluster and run a sample")
+    return fill
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     _add_options(p, SCOPES["demo"])
     p.add_argument("--nodes", type=int, default=3, help="number of local clients (3)")
     p.add_argument("--keep", action="store_true", help="leave the cluster running until Ctrl-C")
-    return parser
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -193,6 +275,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def settings_from(ns: argparse.Namespace) -> Settings:
     """Resolve Settings from the flags given (only explicitly given ones override)."""
+    from directord.config import load_settings, option_fields
+
     names = {f.name for f in option_fields()}
     flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k in names}
     # Only the daemons use the secret files; operators need not be able to read them.
@@ -208,6 +292,8 @@ def _command_after_target(ns: argparse.Namespace) -> None:
     follows go back in front of the verb's arguments. A one-word command right
     after ``--target`` stays an ID, and an unknown node is refused, never run.
     """
+    from directord.security.identities import identity_problem
+
     targets: list[str] = ns.target
     for i, value in enumerate(targets):
         if identity_problem(value) is not None:
@@ -230,7 +316,11 @@ def _choose_components(command: str, settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
-    parser = build_parser()
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+        # The same version action, without the options: the whole parser loads every
+        # driver for them, which is most of the time `directord --version` takes.
+        _version_parser().parse_args(["--version"])
+    parser = build_parser(lazy=True)
     ns, extra = parser.parse_known_args(argv)
     if ns.command == "exec":
         _command_after_target(ns)
@@ -297,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except Exception:
         import tempfile
+        import traceback
 
         with tempfile.NamedTemporaryFile(
             "w", prefix="directord-crash-", suffix=".txt", delete=False

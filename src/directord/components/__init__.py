@@ -20,13 +20,16 @@ import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
-from importlib.metadata import entry_points
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from directord.components.base import Component
 from directord.errors import ComponentArgsError, ExecHelp, OrchestrationError
 from directord.models import FileRef, JobSpec, SourceFile, job_sha
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = ["Component", "ExecHelp", "build_job", "get_component", "known_verbs", "preload"]
 
@@ -34,7 +37,23 @@ log = logging.getLogger(__name__)
 USER_COMPONENT_DIR = "/etc/directord/components"
 #: A component file the server ships to the nodes may be at most this large.
 MAX_COMPONENT_BYTES = 1024 * 1024
-_REGISTRY: dict[str, type[Component]] = {}
+
+
+@dataclass(slots=True)
+class _Unloaded:
+    """A verb whose component is not imported yet: loaded when first asked for.
+
+    ``entry_points`` are the registrations of the verb, the one that wins first
+    (the last registered): when it fails to load, the next one is tried, and
+    then ``fallback``, the first user's component file for the verb.
+    """
+
+    entry_points: list[EntryPoint]
+    fallback: tuple[type[Component], str, bytes] | None = None
+
+
+#: verb -> its component class, or what loads it when the verb is first asked for
+_REGISTRY: dict[str, type[Component] | _Unloaded] = {}
 _INSTANCES: dict[str, Component] = {}
 #: where this process reads users' component files (None: nowhere)
 _USER_DIR: str | None = USER_COMPONENT_DIR
@@ -103,9 +122,13 @@ def _load_user_components(directory: str) -> None:
             log.error("skipped component file %s: %s: %s", file, type(exc).__name__, exc)
             continue
         for verb, cls in found.items():
-            if verb not in _REGISTRY:
+            known = _REGISTRY.get(verb)
+            if known is None:
                 _REGISTRY[verb] = cls
                 _SOURCES[verb] = (file.name, content)
+            elif isinstance(known, _Unloaded) and known.fallback is None:
+                # Used only if the registered component fails to load.
+                known.fallback = (cls, file.name, content)
 
 
 def _components_in(
@@ -191,18 +214,66 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def _registry() -> dict[str, type[Component]]:
+def _entry_points() -> list[EntryPoint]:
+    # Imported here: the import costs the CLI's start-up about 20 ms otherwise.
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group="directord.components"))
+
+
+def _registry() -> dict[str, type[Component] | _Unloaded]:
+    """Every verb, mapped to its class or to what loads it.
+
+    Components are imported when their verb is first asked for: a command that
+    runs one verb imports its module only (``preload`` imports them all).
+    """
     if not _REGISTRY:
-        for ep in entry_points(group="directord.components"):
-            try:
-                _REGISTRY[ep.name.upper()] = ep.load()
-            except Exception as exc:
-                log.error(
-                    "skipped component %s (%s): %s: %s", ep.name, ep.value, type(exc).__name__, exc
-                )
+        unloaded: dict[str, _Unloaded] = {}
+        for ep in _entry_points():
+            # The last registration of a verb is tried first: it wins, as it always did.
+            unloaded.setdefault(ep.name.upper(), _Unloaded([])).entry_points.insert(0, ep)
+        _REGISTRY.update(unloaded)
         if _USER_DIR is not None:
             _load_user_components(_USER_DIR)
     return _REGISTRY
+
+
+def _load(verb: str) -> type[Component] | None:
+    """The class of ``verb`` (imported now if it was not), or None if unknown or broken.
+
+    A component that fails to import is logged and forgotten, as if never
+    registered: the next registration of the verb, if any, takes its place.
+    """
+    known = _registry().get(verb)
+    if not isinstance(known, _Unloaded):
+        return known
+    for ep in known.entry_points:
+        try:
+            cls: type[Component] = ep.load()
+        except Exception as exc:
+            log.error(
+                "skipped component %s (%s): %s: %s", ep.name, ep.value, type(exc).__name__, exc
+            )
+            continue
+        _REGISTRY[verb] = cls
+        return cls
+    if known.fallback is not None:
+        cls, name, content = known.fallback
+        _REGISTRY[verb] = cls
+        _SOURCES[verb] = (name, content)
+        return cls
+    del _REGISTRY[verb]
+    return None
+
+
+def _load_all() -> dict[str, type[Component]]:
+    """Import every component now; the verbs that loaded, with their classes."""
+    loaded: dict[str, type[Component]] = {}
+    for verb in list(_registry()):
+        cls = _load(verb)
+        if cls is not None:
+            loaded[verb] = cls
+    return loaded
 
 
 def preload() -> int:
@@ -211,7 +282,7 @@ def preload() -> int:
     Daemons call it at start: the first job should not pay for imports, and a
     broken plugin is logged at start rather than at its first job.
     """
-    for verb, cls in list(_registry().items()):
+    for verb, cls in _load_all().items():
         if verb not in _INSTANCES:
             try:
                 _INSTANCES[verb] = cls()
@@ -222,8 +293,11 @@ def preload() -> int:
 
 
 def known_verbs() -> list[str]:
-    """Every verb that can be used in an orchestration."""
-    return sorted(_registry())
+    """Every verb that can be used in an orchestration.
+
+    It imports every component, so that a broken one is not listed.
+    """
+    return sorted(_load_all())
 
 
 def get_component(verb: str) -> Component:
@@ -236,7 +310,7 @@ def get_component(verb: str) -> Component:
     inst = _INSTANCES.get(key)
     if inst is not None:
         return inst
-    cls = _registry().get(key)
+    cls = _load(key)
     if cls is None:
         close = difflib.get_close_matches(key, known_verbs(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -16,17 +16,16 @@ import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from directord.errors import CertificateError
-from directord.security.pki import (
-    common_name,
-    describe,
-    load_certificate,
-    load_crl_serials,
-    usage_of,
-)
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography and security.pki are imported by the functions that read certificates:
+# every driver module imports this one, and the CLI, which loads every driver for its
+# options, would otherwise pay for them (about 25 ms) at each start.
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +95,8 @@ class Revocations:
             self._error = ""
             self._serials = set()
             if stamp is not None:
+                from directord.security.pki import load_certificate, load_crl_serials
+
                 try:
                     self._serials = load_crl_serials(self.path, load_certificate(self.ca_path))
                 except CertificateError as exc:
@@ -169,6 +170,8 @@ def node_refusal(cert: x509.Certificate) -> str:
     An operator's certificate is refused, and so is one for servers only (TLS
     libraries refuse that one first; this holds when they do not).
     """
+    from directord.security.pki import describe, usage_of
+
     usage = usage_of(cert)
     if usage == "operator":
         return f"{describe(cert)} is an operator's, not a node's"
@@ -179,6 +182,8 @@ def node_refusal(cert: x509.Certificate) -> str:
 
 def operator_refusal(cert: x509.Certificate) -> str:
     """Why a certificate may not act as an operator on the user API ('' if it may)."""
+    from directord.security.pki import describe, usage_of
+
     if usage_of(cert) == "operator":
         return ""
     return (
@@ -189,6 +194,10 @@ def operator_refusal(cert: x509.Certificate) -> str:
 
 def peer_certificate(pem: bytes) -> tuple[str, x509.Certificate]:
     """(common name, certificate) of a peer's PEM certificate."""
+    from cryptography import x509
+
+    from directord.security.pki import common_name
+
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
