@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ssl
-import urllib.error
-import urllib.request
 from typing import Any, ClassVar
 
 from directord.components.base import Component, ExecContext, Outcome
@@ -14,6 +12,11 @@ from directord.errors import ComponentArgsError
 
 
 def _probe(url: str, insecure: bool, timeout: float) -> int:
+    # Imported here (in a worker thread): urllib.request and http.client cost
+    # every agent memory for a verb few jobs use.
+    import urllib.error
+    import urllib.request
+
     context = ssl._create_unverified_context() if insecure else None
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:

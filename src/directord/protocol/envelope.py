@@ -17,7 +17,6 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import msgspec
 
 from directord.errors import ProtocolError
@@ -93,6 +92,8 @@ class FrameDecoder:
 # ---- plain msgpack, for tests that play a hostile peer --------------------------------------
 def pack(value: Any) -> bytes:
     """Any value as msgpack (a hostile peer's way: no types are checked)."""
+    import msgpack  # only tests play hostile peers: the daemons never map it
+
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return data
 
@@ -107,6 +108,8 @@ class PlainBatches:
 
 def encode_batch(envelopes: list[Any]) -> bytes:
     """Pack any values as one batch (a hostile peer's way: no types are checked)."""
+    import msgpack
+
     data: bytes = msgpack.packb(envelopes, use_bin_type=True)
     if len(data) > MAX_FRAME:
         raise ProtocolError(f"batch of {len(data)} bytes exceeds the {MAX_FRAME} byte limit")
@@ -117,6 +120,8 @@ def decode_batch(data: bytes) -> list[Envelope]:
     """Unpack one batch as plain maps (what a test peer reads)."""
     if len(data) > MAX_FRAME:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME} byte limit")
+    import msgpack
+
     try:
         batch = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography import x509
-
 from directord.config import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +53,9 @@ async def watch(settings: Settings, renew: Callable[[], None]) -> None:
     path = certificate_path(settings)
     if path is None:
         return
+    # Imported here: a client that renews no certificate need not map cryptography.
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(await asyncio.to_thread(Path(path).read_bytes))
     except (OSError, ValueError) as exc:

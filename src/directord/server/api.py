@@ -26,9 +26,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from directord.config import Settings
 from directord.errors import CertificateError, ConfigError, DirectordError, ProtocolError
@@ -42,7 +40,6 @@ from directord.protocol import (
     Message,
     frame,
 )
-from directord.security.pki import common_name, describe
 from directord.security.tls import (
     Revocations,
     RevocationWatch,
@@ -51,6 +48,9 @@ from directord.security.tls import (
 )
 from directord.server.api_methods import ApiMethods
 from directord.server.filestore import FileStore, UploadSession
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,11 @@ class APIServer:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             return None, "no client certificate"
+        # Imported here: a server without a TCP API need not map cryptography.
+        from cryptography import x509
+
+        from directord.security.pki import describe
+
         cert = x509.load_der_x509_certificate(der)
         try:
             revoked = self._revocations.serials() if self._revocations is not None else set()
@@ -198,6 +203,8 @@ class APIServer:
         if refusal or cert is None:
             await _refuse(writer, refusal)
             return
+        from directord.security.pki import common_name
+
         task = asyncio.current_task()
         assert task is not None
         self._operators[task] = _Operator(_peer(writer), common_name(cert), cert.serial_number)
