@@ -76,6 +76,8 @@ class JobContext:
 
     def render(self, text: str) -> str:
         """Render a job's text; what other nodes reported (``query``) is untrusted there."""
+        if "{{" not in text and "{%" not in text:
+            return text  # plain text: no names to gather (the node's args may be many)
         return render_template(
             text, {"identity": self.identity, **self.args, **self.vars}, query=self.query
         )
