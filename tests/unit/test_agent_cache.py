@@ -281,3 +281,29 @@ def test_unusable_cache_path_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         NodeCache(str(blocker / "sub"))
     assert info.value.key == "cache_path"
+
+
+def test_a_running_client_forgets_old_acked_jobs_a_bounded_batch_at_a_time(
+    cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from directord.agent import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "PRUNE_ROWS", 3)
+    for job_id in ("a", "b", "old-unacked", "c", "recent"):
+        cache.add_job(job(job_id))
+    cache.set_acked(["a", "b", "c", "recent"])
+    cache.commit()
+    cache._db.execute(
+        "UPDATE jobs SET ts=? WHERE id != 'recent'", (time.time() - ACKED_RETENTION - 60,)
+    )
+    assert cache.prune_acked() == 0  # the open pruned a moment ago: not due yet
+    assert cache.prune_acked(force=True) == 2  # a and b: the 3 oldest rows hold 2 acked
+    cache.commit()
+    assert committed_rows(cache, "SELECT id FROM jobs ORDER BY rowid") == [
+        ("old-unacked",),
+        ("c",),
+        ("recent",),
+    ]
+    assert cache.prune_acked(force=True) == 1  # c; an unacked job is never dropped
+    assert cache.job_status("old-unacked") == "queued"
+    assert cache.job_status("recent") == "acked"

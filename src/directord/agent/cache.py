@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 SECTIONS = ("args", "envs", "query")
 EVICTABLE = ("args", "envs", "query", "jobs", "parents", "all")
 ACKED_RETENTION = 7 * 24 * 3600.0
+# A running client forgets old acknowledged jobs this often, the oldest this many
+# rows at a time: a bounded scan, never a stall over a large journal.
+PRUNE_INTERVAL = 3600.0
+PRUNE_ROWS = 5000
 
 
 class NodeCache:
@@ -94,6 +98,7 @@ class NodeCache:
         self._parents: dict[str, str] = dict(self._db.execute("SELECT id, state FROM parents"))
         self._in_tx = False
         self._after_commit: list[Callable[[], None]] = []
+        self._pruned = time.monotonic()  # a writer's open has just pruned
 
     # ---- transactions ------------------------------------------------------------------
     def _w(self, sql: str, params: tuple[Any, ...]) -> None:
@@ -216,6 +221,26 @@ class NodeCache:
         self._w_many(
             "UPDATE jobs SET status='acked', body=NULL WHERE id=?", [(i,) for i in job_ids]
         )
+
+    def prune_acked(self, *, force: bool = False) -> int:
+        """Forget acknowledged jobs past ACKED_RETENTION among the oldest rows; how many.
+
+        A client that runs for weeks would otherwise keep every job it ever ran:
+        the start forgets them, and so does this, once per PRUNE_INTERVAL (or
+        now, with ``force``), looking at PRUNE_ROWS rows at most.
+        """
+        if not force and time.monotonic() - self._pruned < PRUNE_INTERVAL:
+            return 0
+        self._pruned = time.monotonic()
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        cursor = self._db.execute(
+            "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs ORDER BY rowid LIMIT ?)"
+            " AND status='acked' AND ts < ?",
+            (PRUNE_ROWS, time.time() - ACKED_RETENTION),
+        )
+        return cursor.rowcount
 
     def _w_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not self._in_tx:

@@ -149,6 +149,8 @@ class Session:
         while not link.closed:
             await asyncio.sleep(self.settings.heartbeat_interval)
             link.post(Heartbeat())
+            if self.cache.prune_acked():
+                self.cache.commit()
 
     async def _take_parked(self, owed: dict[str, str]) -> None:
         """Run the jobs the server parked in the broker while this node was away.
