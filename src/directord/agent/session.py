@@ -149,7 +149,7 @@ class Session:
         while not link.closed:
             await asyncio.sleep(self.settings.heartbeat_interval)
             link.post(Heartbeat())
-            if self.cache.prune_acked():
+            if self.cache.prune_acked() is not None:
                 self.cache.commit()
 
     async def _take_parked(self, owed: dict[str, str]) -> None:
