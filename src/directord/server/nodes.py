@@ -83,6 +83,7 @@ class NodeRegistry:
         if self.sessions.get(identity) is not session:
             return False
         del self.sessions[identity]
+        self._seen_persisted.pop(identity, None)  # kept for online nodes only
         rec = self.records.get(identity)
         if rec is not None:
             rec.online = False
