@@ -8,6 +8,13 @@ it starts itself; then the ratio of exec's median to bare Python's. Measure
 with the .pyc files present (``python -m compileall src``), as an installed
 wheel has them.
 
+It also times the import floor of ``exec``: a bare interpreter importing only
+the modules no ``exec`` can do without (argparse; yaml for the config file;
+the settings; msgspec and the protocol to talk to the server; the component
+that builds the job), with neither asyncio, nor any driver, nor the entry-point
+scan that finds third-party drivers. Nothing short of fewer or lighter
+dependencies starts ``exec`` faster than that.
+
     python bench/cli_start.py [--runs 15] [--nodes 6]
 """
 
@@ -24,6 +31,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from directord.localcluster import LocalCluster
+
+# What exec cannot start without (see the docstring), imported in a bare interpreter.
+EXEC_FLOOR = (
+    "import argparse, socket, yaml, directord.config, directord.protocol, "
+    "directord.orchestration, directord.cli.render"
+)
 
 
 def directord_command() -> list[str]:
@@ -66,6 +79,7 @@ def main() -> int:
         ("python -c pass", wall_ms([sys.executable, "-c", "pass"], args.runs)),
         ("directord --version", wall_ms([*directord, "--version"], args.runs)),
         ("directord --help", wall_ms([*directord, "--help"], args.runs)),
+        ("import floor of exec", wall_ms([sys.executable, "-c", EXEC_FLOOR], args.runs)),
     ]
     with (
         tempfile.TemporaryDirectory(prefix="directord-bench-") as tmp,
@@ -89,7 +103,9 @@ def main() -> int:
         print(f"{label:<36} {statistics.median(times):>10.1f} {p90(times):>10.1f}")
     bare = statistics.median(rows[0][1])
     exec_median = statistics.median(rows[-1][1])
+    floor = statistics.median(rows[4][1])
     print(f"exec --wait / python -I -c pass: {exec_median / bare:.1f}x")
+    print(f"import floor of exec / python -I -c pass: {floor / bare:.1f}x")
     return 0
 
 
