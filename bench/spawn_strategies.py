@@ -14,6 +14,10 @@ world`` with at most ``--concurrency`` running at once:
 * ``dash-fork``: the same with a resident ``dash``. It is shown only as the lower
   bound: dash refuses job control without a terminal, so its subshells share the
   resident's process group, and a job could not be killed alone.
+* ``dash-pty``: a resident ``dash`` that turns job control on while a pseudo-terminal
+  is its controlling terminal; the terminal is then hung up, which leaves the
+  session without one and job control on. Its subshells lead process groups of
+  their own and, like the agent's jobs, have no controlling terminal.
 
 For each it prints the wall per job, the CPU per job of the driving Python
 process (the agent's share), and of the shells (the resident one and the
@@ -43,12 +47,20 @@ COMMAND = "echo hello world"
 # that records its status from an EXIT trap, as the agent's jobs do.
 FORK_SERVER = """{jobctl}
 while IFS=' ' read -r base line; do
-  ( directord_status_file=$base.rc; trap 'echo $? > "$directord_status_file"' EXIT; eval "$line" \
-  ) >"$base.out" 2>"$base.err" </dev/null &
+  ( {reset}directord_status_file=$base.rc; trap 'echo $? > "$directord_status_file"' EXIT; \
+  eval "$line" ) >"$base.out" 2>"$base.err" </dev/null &
   echo $!
   {forget}
 done
 """
+# dash turns job control on only with a controlling terminal: the session leader
+# opens the pty's slave (so it becomes that), turns it on and says so; the driver
+# then hangs the terminal up. SIGHUP is ignored for the hang-up, and set back for jobs.
+PTY_JOBCTL = """trap '' HUP
+exec 9<>"$1"
+set -m
+exec 9>&-
+echo ready"""
 
 
 def children_cpu() -> float:
@@ -81,19 +93,32 @@ class ForkServer:
         self.lock = asyncio.Lock()
 
     async def start(self) -> None:
-        bash = self.shell == "bash"
+        shell, _, how = self.shell.partition("-")
+        pty = how == "pty"
         script = FORK_SERVER.format(
-            jobctl="set -m" if bash else "", forget="disown" if bash else ""
+            jobctl="set -m" if shell == "bash" else PTY_JOBCTL if pty else "",
+            # Each shell keeps a table of its jobs: without this, forking slows as it grows.
+            forget="disown" if shell == "bash" else "jobs >/dev/null" if pty else "",
+            reset="trap - HUP; " if pty else "",
         )
+        master, slave = os.openpty() if pty else (-1, -1)
         self.proc = await asyncio.create_subprocess_exec(
-            shutil.which(self.shell) or self.shell,
+            shutil.which(shell) or shell,
             "-c",
             script,
+            "sh",
+            os.ttyname(slave) if pty else "",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
+        if pty:
+            os.close(slave)
+            assert self.proc.stdout is not None
+            if await self.proc.stdout.readline() != b"ready\n":
+                raise SystemExit(f"{shell} did not turn job control on")
+            os.close(master)  # the hang-up: the session loses its terminal
 
     async def run(self, files: ProcFiles) -> int:
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
@@ -106,16 +131,19 @@ class ForkServer:
             raise SystemExit(f"{self.shell}: job {files.base} left no status")
         return status[0]
 
-    async def own_group(self, files: ProcFiles) -> bool:
-        """Whether a job's subshell leads a process group of its own."""
+    async def isolation(self, files: ProcFiles) -> str:
+        """Whether a job's subshell leads a process group of its own, and has no terminal."""
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
         async with self.lock:
             self.proc.stdin.write(f"{files.base} sleep 0.2\n".encode())
             pid = int(await self.proc.stdout.readline())
-        own = os.getpgid(pid) == pid
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own_group, terminal = int(fields[2]) == pid, int(fields[4]) != 0
         await exited(pid)
         files.remove()
-        return own
+        if not own_group:
+            return "NO: shares the resident's"
+        return "yes, but has a terminal" if terminal else "yes"
 
     async def stop(self) -> None:
         assert self.proc is not None and self.proc.stdin
@@ -153,13 +181,12 @@ async def strategy(name: str, folder: str, jobs: int, concurrency: int) -> str:
         wall, own = await measure(name, agent_job, folder, jobs, concurrency)
         group = "yes (a session)"
     else:
-        server = ForkServer(name.split("-")[0])
+        server = ForkServer(name.removesuffix("-fork"))
         await server.start()
-        own_group = await server.own_group(ProcFiles.of(folder, "probe"))
+        group = await server.isolation(ProcFiles.of(folder, "probe"))
         shells_before = children_cpu()
         wall, own = await measure(name, server.run, folder, jobs, concurrency)
         await server.stop()  # its CPU is counted once it is reaped
-        group = "yes" if own_group else "NO: shares the resident's"
     shells = children_cpu() - shells_before
     per = 1000 / jobs
     return (
@@ -172,7 +199,7 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="directord-spawn-") as folder:
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}: ms per job, {args.jobs} jobs, {args.concurrency} at once")
-            for name in ("agent", "bash-fork", "dash-fork"):
+            for name in ("agent", "bash-fork", "dash-fork", "dash-pty"):
                 if name != "agent" and shutil.which(name.split("-")[0]) is None:
                     print(f"{name:<10} ({name.split('-')[0]} is not installed)")
                     continue
