@@ -17,7 +17,10 @@ world`` with at most ``--concurrency`` running at once:
 * ``dash-pty``: a resident ``dash`` that turns job control on while a pseudo-terminal
   is its controlling terminal; the terminal is then hung up, which leaves the
   session without one and job control on. Its subshells lead process groups of
-  their own and, like the agent's jobs, have no controlling terminal.
+  their own and, like the agent's jobs, have no controlling terminal. What no
+  fork server can give: a forked subshell's ``$$`` is the resident's, the same
+  for every job (``kill $$`` would hit the resident, and ``/tmp/x.$$`` names
+  collide between jobs running at once).
 
 For each it prints the wall per job, the CPU per job of the driving Python
 process (the agent's share), and of the shells (the resident one and the
