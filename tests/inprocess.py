@@ -30,14 +30,19 @@ TIMEOUT = 20.0
 class InProcessCluster:
     """One server and some agents on a private memory hub."""
 
-    def __init__(self, root: Path, nodes: int = 2, heartbeat: float = 1.0) -> None:
+    def __init__(
+        self, root: Path, nodes: int = 2, heartbeat: float = 1.0, **server_options: Any
+    ) -> None:
         self.root = root
         self.hub = uuid.uuid4().hex
         self.heartbeat = heartbeat
         self.socket_path = str(root / "api.sock")
         self.server = Server(
             Settings(
-                datastore="memory", socket_path=self.socket_path, heartbeat_interval=heartbeat
+                datastore="memory",
+                socket_path=self.socket_path,
+                heartbeat_interval=heartbeat,
+                **server_options,
             ),
             transport=MemoryTransport(Settings(), hub=self.hub),
         )
@@ -104,9 +109,9 @@ async def until(probe: Callable[[], Any], what: str, timeout: float = TIMEOUT) -
 
 @contextlib.asynccontextmanager
 async def cluster(
-    root: Path, nodes: int = 2, heartbeat: float = 1.0
+    root: Path, nodes: int = 2, heartbeat: float = 1.0, **server_options: Any
 ) -> AsyncIterator[InProcessCluster]:
-    c = InProcessCluster(root, nodes, heartbeat)
+    c = InProcessCluster(root, nodes, heartbeat, **server_options)
     try:
         await c.start()
         yield c

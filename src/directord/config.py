@@ -240,6 +240,13 @@ class Settings:
         "seconds beyond a job's timeout before the server calls it lost/undelivered",
         "server",
     )
+    job_retention: float = option(
+        7 * 86400.0,
+        "seconds the server keeps a job (and its results) after it ended everywhere, in "
+        "memory and the datastore; then it forgets it. 0 keeps every job until "
+        "`manage --purge-jobs`",
+        "server",
+    )
     reboot_grace: float = option(
         600.0,
         "seconds past a REBOOT's own that the server waits for the node to come back; its "
@@ -658,6 +665,8 @@ def load_settings(
         raise ConfigError(
             "heartbeat_interval must be a finite number > 0", key="heartbeat_interval"
         )
+    if not 0 <= settings.job_retention < math.inf:
+        raise ConfigError("job_retention must be a finite number >= 0", key="job_retention")
     if not 0 <= settings.reboot_grace < math.inf:
         raise ConfigError("reboot_grace must be a finite number >= 0", key="reboot_grace")
     if not 0 <= settings.reprovision_before < math.inf:

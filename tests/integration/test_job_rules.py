@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from directord.errors import APIError, OrchestrationError
-from tests.inprocess import InProcessCluster, run, states, until
+from directord.server import jobs as jobs_module
+from directord.server.jobs import JOBS, RESULTS
+from tests.inprocess import InProcessCluster, cluster, run, states, until
 
 
 def test_jobs_of_an_orchestration_run_in_order_on_each_node(tmp_path: Path) -> None:
@@ -256,3 +258,26 @@ def test_stdout_arg_keeps_each_components_natural_output(tmp_path: Path) -> None
 
     run(tmp_path, scenario)
     assert (tmp_path / "wnode0").is_dir()
+
+
+def test_the_server_forgets_jobs_that_ended_longer_than_the_retention_ago(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Looked for every 50 ms instead of every minute; kept 0.5 s instead of a week.
+    monkeypatch.setattr(jobs_module, "FORGET_INTERVAL", 0.05)
+
+    async def main() -> None:
+        async with cluster(tmp_path, nodes=1, job_retention=0.5) as c:
+            parents, results = await c.run("- jobs:\n    - RUN: echo kept a while\n")
+            (job_id,) = parents[0]["jobs"]
+            assert states(results, job_id) == {"node0": "success"}
+            assert [row["id"] for row in await c.call("jobs")] == [job_id]
+            ended = time.monotonic()
+            await until(lambda: job_id not in c.server.jobs.jobs, "the job to be forgotten")
+            assert time.monotonic() - ended >= 0.4  # not before the retention
+            assert await c.call("jobs") == []
+            await c.server.persister.flush()
+            assert await c.server.store.scan(JOBS) == {}
+            assert await c.server.store.scan(RESULTS) == {}
+
+    asyncio.run(main())

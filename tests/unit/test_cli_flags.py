@@ -310,6 +310,7 @@ ADDED: dict[str, set[str]] = {
         "--local-components",
         "--reboot-command",
         "--reboot-grace",
+        "--job-retention",
         "--unit-proxy-allow",
         "--provision",
         "--provisioning-address",
@@ -336,6 +337,7 @@ ADDED: dict[str, set[str]] = {
         "--messaging-address",
         "--components-path",
         "--reboot-grace",
+        "--job-retention",
         "--unit-proxy-allow",
     },
     "client": {

@@ -304,6 +304,18 @@ def test_heartbeat_interval_must_be_positive_and_finite(value: str) -> None:
     assert info.value.key == "heartbeat_interval"
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_job_retention_must_be_finite_and_not_negative(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, {"DIRECTORD_JOB_RETENTION": value})
+    assert info.value.key == "job_retention"
+
+
+def test_job_retention_is_a_week_unless_set_and_zero_keeps_every_job() -> None:
+    assert load_settings({}, {}).job_retention == 7 * 86400
+    assert load_settings({}, {"DIRECTORD_JOB_RETENTION": "0"}).job_retention == 0
+
+
 def test_resolved_identity() -> None:
     assert Settings(identity="node9").resolved_identity() == "node9"
     assert Settings().resolved_identity() == socket.gethostname()

@@ -10,7 +10,16 @@ import pytest
 from directord.components import build_job
 from directord.datastores.memory import MemoryDatastore
 from directord.models import State
-from directord.server.jobs import JOBS, MAX_OUTPUT, PARENTS, RESULTS, JobBook, PlannedJob
+from directord.server import jobs as jobs_module
+from directord.server.jobs import (
+    FORGET_INTERVAL,
+    JOBS,
+    MAX_OUTPUT,
+    PARENTS,
+    RESULTS,
+    JobBook,
+    PlannedJob,
+)
 from directord.server.persist import Persister
 from directord.server.records import JobRecord
 
@@ -20,15 +29,20 @@ GRACE = 5.0
 class Book:
     """A JobBook with its store, flushed on demand."""
 
-    def __init__(self) -> None:
+    def __init__(self, retention: float = 0.0) -> None:
         self.store = MemoryDatastore()
         self.persister = Persister(self.store)
-        self.book = JobBook(self.persister, grace=GRACE)
+        self.book = JobBook(self.persister, grace=GRACE, retention=retention)
 
-    def restarted(self) -> Book:
-        """A new book (as after a server restart) loaded from this one's stored history."""
+    def restarted(self, *, reverse: bool = False) -> Book:
+        """A new book (as after a server restart) loaded from this one's stored history.
+
+        ``reverse``: the datastore hands the jobs back newest first.
+        """
         jobs, results, parents = self.stored(JOBS), self.stored(RESULTS), self.stored(PARENTS)
-        fresh = Book()
+        if reverse:
+            jobs = dict(reversed(jobs.items()))
+        fresh = Book(self.book.retention)
         fresh.book.load(jobs, results, parents)
         return fresh
 
@@ -301,3 +315,74 @@ def test_purge_forgets_only_finished_jobs(b: Book) -> None:
     assert b.stored(RESULTS) == {}
     assert set(b.stored(PARENTS)) == {running.parent_id}
     assert b.book.purge() == 0
+
+
+# ---- retention ------------------------------------------------------------------------------
+def _ended_at(job: JobRecord, when: float) -> None:
+    """Date a finished job: submitted and ended at ``when``."""
+    job.submitted = when
+    for target in job.results.values():
+        target.finished = when
+
+
+def test_jobs_that_ended_past_the_retention_are_forgotten_with_their_results() -> None:
+    b = Book(retention=100.0)
+    old_done, old_running = b.submit(("ECHO", "a", ["n0", "n1"]), ("ECHO", "b", ["n0"]))
+    (old_alone,) = b.submit(("ECHO", "c", ["n1"]), name="second")
+    (recent,) = b.submit(("ECHO", "d", ["n0"]), name="third")
+    for job in (old_done, old_alone, recent):
+        for identity, target in job.results.items():
+            b.book.finish(identity, target, State.SUCCESS)
+    now = 10_000.0
+    for job in (old_done, old_running, old_alone):
+        _ended_at(job, now - 500)
+    _ended_at(recent, now - 50)
+    assert b.book.forget_ended(now) == 2
+    # A job still running stays, however old, and so does its orchestration.
+    assert set(b.book.jobs) == {old_running.id, recent.id}
+    assert set(b.book.parents) == {old_running.parent_id, recent.parent_id}
+    assert set(b.stored(JOBS)) == {old_running.id, recent.id}
+    assert set(b.stored(RESULTS)) == {f"{recent.id}/n0"}
+    assert set(b.stored(PARENTS)) == {old_running.parent_id, recent.parent_id}
+
+
+def test_forgetting_runs_once_an_interval_and_a_bounded_batch_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(jobs_module, "FORGET_BATCH", 2)
+    b = Book(retention=100.0)
+    records = b.submit(*[("ECHO", str(i), ["n0"]) for i in range(5)])
+    for job in records:
+        b.book.finish("n0", job.results["n0"], State.SUCCESS)
+        _ended_at(job, 0.0)
+    now = 1_000.0
+    assert b.book.forget_ended(now) == 2
+    assert b.book.forget_ended(now + 1) == 0  # within the interval: not looked at
+    assert b.book.forget_ended(now + FORGET_INTERVAL) == 2
+    assert [j.id for j in b.book.jobs.values()] == [records[4].id]  # oldest went first
+    assert b.book.forget_ended(now + 2 * FORGET_INTERVAL) == 1
+    assert b.book.jobs == {} and b.book.parents == {}
+
+
+def test_no_retention_keeps_every_job() -> None:
+    b = Book(retention=0.0)
+    (job,) = b.submit(("ECHO", "a", ["n0"]))
+    b.book.finish("n0", job.results["n0"], State.SUCCESS)
+    _ended_at(job, 0.0)
+    assert b.book.forget_ended(1e12) == 0
+    assert set(b.book.jobs) == {job.id}
+
+
+def test_a_restarted_server_forgets_from_the_oldest_whatever_order_the_store_gives() -> None:
+    b = Book(retention=100.0)
+    old, new = b.submit(("ECHO", "a", ["n0"]), ("ECHO", "b", ["n0"]))
+    for job in (old, new):
+        b.book.finish("n0", job.results["n0"], State.SUCCESS)
+    _ended_at(old, 0.0)
+    _ended_at(new, 10_000.0)
+    b.book.store(old)
+    b.book.store(new)
+    fresh = b.restarted(reverse=True)
+    assert list(fresh.book.jobs) == [old.id, new.id]
+    assert fresh.book.forget_ended(10_050.0) == 1
+    assert set(fresh.book.jobs) == {new.id}

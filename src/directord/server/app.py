@@ -68,7 +68,7 @@ class Server:
         self.files = FileStore.for_settings(settings.file_store, settings.datastore)
         self.persister = Persister(self.store)
         self.nodes = NodeRegistry(self.persister, settings.reboot_grace)
-        self.jobs = JobBook(self.persister, settings.job_timeout_grace)
+        self.jobs = JobBook(self.persister, settings.job_timeout_grace, settings.job_retention)
         self.parking = ParkingLot(
             self.transport, self.jobs, self.persister, lambda i: i in self.nodes.sessions
         )

@@ -196,7 +196,7 @@ class Dispatcher:
                 log.exception("sweeper pass failed")
 
     def sweep(self, now: float) -> None:
-        """End silent sessions, and targets whose node stayed away past the deadline."""
+        """End silent sessions, overdue targets; forget jobs past the retention."""
         for session in self._nodes.expired(now):
             log.warning(
                 "node %s silent for 3 heartbeat intervals; marking offline", session.identity
@@ -211,6 +211,7 @@ class Dispatcher:
         changed |= self._jobs.sweep(now, last_seen, set(self._nodes.sessions), held)
         for job_id in changed:
             self._on_target_final(job_id)
+        self._jobs.forget_ended(now)
 
     def _reboot_overdue(self, identity: str) -> set[str]:
         """Stop waiting for a rebooting node; if it is away, end the jobs it owes."""

@@ -29,6 +29,10 @@ MAX_OUTPUT = 1024 * 1024
 # only do once the submit reply is back, while the job may already be printing).
 MAX_UNREAD_LINES = 10_000
 MAX_WATCH_BACKLOG = 10_000
+# Ended jobs past the retention are looked for this often, and at most this many
+# forgotten in one pass: the sweep that does it never holds the loop long.
+FORGET_INTERVAL = 60.0
+FORGET_BATCH = 5_000
 _OK = (State.SUCCESS.value, State.SKIPPED_CACHE.value)
 
 
@@ -100,9 +104,12 @@ class Watcher:
 class JobBook:
     """In-memory index of jobs, backed by the datastore through the persister."""
 
-    def __init__(self, persister: Persister, grace: float) -> None:
+    def __init__(self, persister: Persister, grace: float, retention: float = 0.0) -> None:
         self._persister = persister
         self.grace = grace
+        #: seconds an ended job is kept before it is forgotten (0: until purged)
+        self.retention = retention
+        self._next_forget = 0.0
         self.jobs: dict[str, JobRecord] = {}
         self.parents: dict[str, ParentRecord] = {}
         self._order = 0
@@ -119,7 +126,9 @@ class JobBook:
         parents: dict[str, dict[str, Any]],
     ) -> None:
         """Adopt stored history."""
-        for job_id, data in jobs.items():
+        # In submission order, as recorded ones are: forgetting stops at the first job
+        # submitted after its cutoff.
+        for job_id, data in sorted(jobs.items(), key=lambda item: item[1].get("order", 0)):
             self.jobs[job_id] = JobRecord.from_dict(data)
             self._order = max(self._order, self.jobs[job_id].order)
         for data in results.values():
@@ -428,17 +437,52 @@ class JobBook:
 
     def purge(self) -> int:
         """Forget every job whose targets are all final; returns how many."""
-        gone = [j for j in self.jobs.values() if j.done]
+        count = self._forget([j for j in self.jobs.values() if j.done])
+        live_parents = {j.parent_id for j in self.jobs.values()}
+        for parent_id in [p for p in self.parents if p not in live_parents]:
+            del self.parents[parent_id]
+            self._persister.delete(PARENTS, parent_id)
+        return count
+
+    def forget_ended(self, now: float) -> int:
+        """Forget jobs that ended longer than the retention ago; returns how many.
+
+        Runs at most every FORGET_INTERVAL, and forgets at most FORGET_BATCH jobs
+        a pass (the oldest first; the next pass goes on). Without a retention the
+        server would hold every job it ever ran, in memory and in the datastore,
+        until an operator purged them.
+        """
+        if self.retention <= 0 or now < self._next_forget:
+            return 0
+        self._next_forget = now + FORGET_INTERVAL
+        cutoff = now - self.retention
+        gone: list[JobRecord] = []
+        for job in self.jobs.values():
+            if job.submitted > cutoff or len(gone) >= FORGET_BATCH:
+                break  # this one and every later one was submitted after the cutoff
+            if job.done and _ended(job) <= cutoff:
+                gone.append(job)
+        if gone:
+            log.info(
+                "forgot %d jobs that ended more than %gs ago (--job-retention)",
+                len(gone),
+                self.retention,
+            )
+        return self._forget(gone)
+
+    def _forget(self, gone: list[JobRecord]) -> int:
+        """Drop these jobs, their results, and their parents once no job of theirs is left."""
         for job in gone:
             del self.jobs[job.id]
             self._unread.pop(job.id, None)
             self._persister.delete(JOBS, job.id)
             for target in job.results.values():
                 self._persister.delete(RESULTS, target.key)
-        live_parents = {j.parent_id for j in self.jobs.values()}
-        for parent_id in [p for p in self.parents if p not in live_parents]:
-            del self.parents[parent_id]
-            self._persister.delete(PARENTS, parent_id)
+        for parent_id in {job.parent_id for job in gone}:
+            parent = self.parents.get(parent_id)
+            if parent is not None and not any(j in self.jobs for j in parent.jobs):
+                del self.parents[parent_id]
+                self._persister.delete(PARENTS, parent_id)
         return len(gone)
 
     def by_sha(self, sha: str) -> list[JobRecord]:
@@ -446,3 +490,8 @@ class JobBook:
         return sorted(
             (j for j in self.jobs.values() if j.sha == sha), key=lambda j: j.order, reverse=True
         )
+
+
+def _ended(job: JobRecord) -> float:
+    """When the last of a job's targets ended (its submission if none says)."""
+    return max((t.finished or 0.0 for t in job.results.values()), default=0.0) or job.submitted
