@@ -22,7 +22,8 @@ from pathlib import Path
 from directord.config import Settings, load_settings
 from directord.connect import APIClient
 from directord.localcluster import LocalCluster
-from directord.protocol import PROTOCOL_VERSION
+from directord.models import State
+from directord.protocol import FROM_SERVER, PROTOCOL_VERSION, Ack, Hello, Job, Result
 from directord.transports import Link, load_transport
 
 
@@ -35,17 +36,15 @@ def rss_kib(pid: int) -> int:
 
 async def sim_node(settings: Settings, ready: asyncio.Event, count: list[int]) -> None:
     transport = load_transport(settings)
-    link = Link(await transport.connect(), settings.identity)
+    link = Link(await transport.connect(), FROM_SERVER, settings.identity)
     link.post(
-        {
-            "t": "hello",
-            "proto": PROTOCOL_VERSION,
-            "identity": settings.identity,
-            "version": "sim",
-            "driver": transport.name,
-            "heartbeat_interval": settings.heartbeat_interval,
-            "known": [],
-        }
+        Hello(
+            proto=PROTOCOL_VERSION,
+            identity=settings.identity,
+            version="sim",
+            driver=transport.name,
+            heartbeat_interval=settings.heartbeat_interval,
+        )
     )
     await link.recv()  # welcome
     count[0] += 1
@@ -53,20 +52,10 @@ async def sim_node(settings: Settings, ready: asyncio.Event, count: list[int]) -
         ready.set()
     try:
         while True:
-            for env in await link.recv():
-                if env.get("t") == "job":
-                    link.post({"t": "ack", "ids": [env["id"]]})
-                    link.post(
-                        {
-                            "t": "result",
-                            "id": env["id"],
-                            "state": "success",
-                            "rc": 0,
-                            "stdout": "",
-                            "stderr": "",
-                            "exec_time": 0.0,
-                        }
-                    )
+            for message in await link.recv():
+                if isinstance(message, Job):
+                    link.post(Ack(ids=[message.id]))
+                    link.post(Result(id=message.id, state=State.SUCCESS, rc=0, exec_time=0.0))
     finally:
         await link.close()
         await transport.close()

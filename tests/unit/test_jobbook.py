@@ -386,3 +386,30 @@ def test_a_restarted_server_forgets_from_the_oldest_whatever_order_the_store_giv
     assert list(fresh.book.jobs) == [old.id, new.id]
     assert fresh.book.forget_ended(10_050.0) == 1
     assert set(fresh.book.jobs) == {new.id}
+
+
+def test_a_job_is_done_exactly_when_every_target_is_final_without_scanning_them(b: Book) -> None:
+    (job,) = b.submit(("ECHO", "a", ["n0", "n1", "n2"]))
+    assert not b.book.is_done(job) and not job.done
+    b.book.mark_sent(job.results["n0"])
+    b.book.mark_delivered("n0", [job.id])
+    b.book.finish("n0", job.results["n0"], State.SUCCESS)
+    b.book.finish("n1", job.results["n1"], State.LOST)
+    b.book.finish("n1", job.results["n1"], State.FAILED)  # a second end changes nothing
+    assert not b.book.is_done(job) and not job.done
+    # A restart counts again what is still owed.
+    fresh = b.restarted()
+    assert not fresh.book.is_done(fresh.book.jobs[job.id])
+    b.book.finish("n2", job.results["n2"], State.SUCCESS)
+    assert b.book.is_done(job) and job.done
+    # The node's own report replacing a lost keeps the job done.
+    b.book.finish("n1", job.results["n1"], State.SUCCESS, reported=True)
+    assert b.book.is_done(job) and job.results["n1"].state is State.SUCCESS
+    assert b.restarted().book.is_done(job)
+
+
+def test_finish_refuses_a_state_that_is_not_final(b: Book) -> None:
+    (job,) = b.submit(("ECHO", "a", ["n0"]))
+    with pytest.raises(ValueError, match="final"):
+        b.book.finish("n0", job.results["n0"], State.DELIVERED)
+    assert not b.book.is_done(job)

@@ -117,6 +117,10 @@ class JobBook:
         self.pending: dict[str, dict[str, TargetRecord]] = {}
         self._watchers: dict[str, set[Watcher]] = {}
         self._unread: dict[str, list[dict[str, Any]]] = {}
+        # Job id -> how many of its targets are not final yet (jobs with none are not
+        # here): each result asks whether its job is done, and scanning every target
+        # for that cost a job to N nodes N x N checks.
+        self._open: dict[str, int] = {}
 
     # ---- loading -------------------------------------------------------------------
     def load(
@@ -144,6 +148,9 @@ class JobBook:
                     owed = TargetRecord(job_id=job.id, identity=identity)
                     job.results[identity] = owed
                     self.pending.setdefault(identity, {})[owed.key] = owed
+            open_targets = sum(1 for t in job.results.values() if not t.state.final)
+            if open_targets:
+                self._open[job.id] = open_targets
         for parent_id, data in parents.items():
             self.parents[parent_id] = ParentRecord(
                 id=parent_id,
@@ -181,6 +188,8 @@ class JobBook:
                 job.results[identity] = target
                 self.pending.setdefault(identity, {})[target.key] = target
             self.jobs[job.id] = job
+            if job.results:
+                self._open[job.id] = len(job.results)
             parent.jobs.append(job.id)
             self._persister.put(JOBS, job.id, job)
             records.append(job)
@@ -251,6 +260,8 @@ class JobBook:
         holding the job: the result the node itself ``reported`` later (its
         agent re-attached to the job) replaces it, and the history keeps both.
         """
+        if not state.final:
+            raise ValueError(f"finish() takes a final state, not {state}")
         if target.state.final:
             if not reported or target.state is not State.LOST or state is State.LOST:
                 return
@@ -258,6 +269,12 @@ class JobBook:
                 {"state": target.state.value, "at": target.finished, "stderr": target.stderr}
             )
             log.info("job %s on %s: lost is now %s", target.job_id, identity, state)
+        else:
+            left = self._open.get(target.job_id, 0) - 1
+            if left > 0:
+                self._open[target.job_id] = left
+            else:
+                self._open.pop(target.job_id, None)
         now = time.time()
         target.state = state
         target.rc = rc
@@ -397,7 +414,7 @@ class JobBook:
                             "parent": job.parent_id,
                         }
                     )
-            if job.done:
+            if self.is_done(job):
                 watcher.pending.discard(job_id)
             else:
                 self._watchers.setdefault(job_id, set()).add(watcher)
@@ -412,11 +429,15 @@ class JobBook:
                 if not subs:
                     del self._watchers[job_id]
 
+    def is_done(self, job: JobRecord) -> bool:
+        """Whether every target of the job is final (what ``job.done`` says, without a scan)."""
+        return job.id not in self._open
+
     def _notify(self, job: JobRecord, event: dict[str, Any]) -> None:
         subs = self._watchers.get(job.id)
         if not subs:
             return
-        done = job.done
+        done = self.is_done(job)
         for watcher in subs:
             watcher.push(event)
             if done:
@@ -437,7 +458,7 @@ class JobBook:
 
     def purge(self) -> int:
         """Forget every job whose targets are all final; returns how many."""
-        count = self._forget([j for j in self.jobs.values() if j.done])
+        count = self._forget([j for j in self.jobs.values() if self.is_done(j)])
         live_parents = {j.parent_id for j in self.jobs.values()}
         for parent_id in [p for p in self.parents if p not in live_parents]:
             del self.parents[parent_id]
@@ -460,7 +481,7 @@ class JobBook:
         for job in self.jobs.values():
             if job.submitted > cutoff or len(gone) >= FORGET_BATCH:
                 break  # this one and every later one was submitted after the cutoff
-            if job.done and _ended(job) <= cutoff:
+            if self.is_done(job) and _ended(job) <= cutoff:
                 gone.append(job)
         if gone:
             log.info(
@@ -474,6 +495,7 @@ class JobBook:
         """Drop these jobs, their results, and their parents once no job of theirs is left."""
         for job in gone:
             del self.jobs[job.id]
+            self._open.pop(job.id, None)
             self._unread.pop(job.id, None)
             self._persister.delete(JOBS, job.id)
             for target in job.results.values():
