@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,15 @@ from tests.e2e.helpers import (
 FAST = {"heartbeat": 0.5, "server_args": ["--job-timeout-grace", "1"]}
 
 
+def wait_for_file(gate: Path) -> str:
+    """Shell that blocks until the test creates ``gate``.
+
+    A job that must still be running when the agent goes away waits on a gate,
+    not on a sleep: on a loaded CI machine a stop can take longer than any sleep.
+    """
+    return f"while [ ! -e {gate} ]; do sleep 0.05; done"
+
+
 class TwoSteps:
     """A submitted two-step orchestration on node0 and the files it writes."""
 
@@ -41,8 +51,9 @@ class TwoSteps:
         token = uid()
         self.log = cluster.root / f"{token}.log"
         self.marker = cluster.root / f"{token}.pid"
+        self.gate = cluster.root / f"{token}.gate"
         path = cluster.root / f"{token}.yaml"
-        first = first.format(log=self.log)
+        first = first.format(log=self.log, wait=wait_for_file(self.gate))
         path.write_text(
             "- jobs:\n"
             f"    - RUN: {options} echo $$ > {self.marker}; {first}\n"
@@ -58,6 +69,10 @@ class TwoSteps:
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def release(self) -> None:
+        """Let step 1 go past its ``{wait}``."""
+        self.gate.touch()
 
     def restart_agent(self, sig: int, away: float = 1.0) -> None:
         """Stop node0's agent with ``sig``, wait ``away`` seconds, start it again."""
@@ -80,8 +95,9 @@ def node(make_cluster: Callable[..., Cluster]) -> Iterator[Cluster]:
 
 
 def test_sigkilled_agent_reports_the_real_success_and_step2_runs_after(node: Cluster) -> None:
-    steps = TwoSteps(node, "sleep 3; echo step1-done >> {log}")
+    steps = TwoSteps(node, "{wait}; echo step1-done >> {log}")
     steps.restart_agent(signal.SIGKILL)
+    steps.release()
     first = steps.result(steps.first)
     assert (first["state"], first["rc"]) == ("success", 0)
     assert steps.result(steps.second)["state"] == "success"
@@ -90,8 +106,9 @@ def test_sigkilled_agent_reports_the_real_success_and_step2_runs_after(node: Clu
 
 
 def test_sigkilled_agent_reports_the_real_failure_and_skips_step2(node: Cluster) -> None:
-    steps = TwoSteps(node, "sleep 2; echo broken >&2; exit 3")
+    steps = TwoSteps(node, "{wait}; echo broken >&2; exit 3")
     steps.restart_agent(signal.SIGKILL)
+    steps.release()
     first = steps.result(steps.first)
     assert (first["state"], first["rc"], first["stderr"]) == ("failed", 3, "broken\n")
     assert steps.result(steps.second)["state"] == "skipped-parent"
@@ -99,11 +116,12 @@ def test_sigkilled_agent_reports_the_real_failure_and_skips_step2(node: Cluster)
 
 
 def test_sigtermed_agent_leaves_the_job_running_and_order_holds(node: Cluster) -> None:
-    steps = TwoSteps(node, "sleep 3; echo step1-done >> {log}")
+    steps = TwoSteps(node, "{wait}; echo step1-done >> {log}")
     node.stop_process("node0", signal.SIGTERM, timeout=20.0)
     assert pid_alive(steps.pid), "a SIGTERM must leave the job's process running"
     time.sleep(0.5)
     node.start_client("node0")
+    steps.release()
     assert steps.result(steps.first)["state"] == "success"
     assert steps.result(steps.second)["state"] == "success"
     assert steps.lines() == ["step1-done", "step2"]
@@ -183,18 +201,18 @@ def test_streamed_output_continues_after_the_agent_returns(node: Cluster) -> Non
 
 
 def test_restart_leaves_a_running_job_to_the_restarted_client(node: Cluster) -> None:
-    marker, log = node.root / "long.pid", node.root / "long.log"
+    marker, log, gate = node.root / "long.pid", node.root / "long.log", node.root / "long.gate"
     path = node.root / "long.yaml"
-    path.write_text(
-        f"- async: true\n  jobs:\n    - RUN: echo $$ > {marker}; sleep 3; echo long-done >> {log}\n"
-    )
+    long_job = f"echo $$ > {marker}; {wait_for_file(gate)}; echo long-done >> {log}"
+    path.write_text(f"- async: true\n  jobs:\n    - RUN: {long_job}\n")
     [parent] = submit(node, "orchestrate", str(path), "--target", "node0")
     wait_for(lambda: marker.exists() and marker.read_text().endswith("\n"), "the long job")
     pid_before = node.clients["node0"].pid
     reply = node.json("exec", "--verb", "RESTART", "--target", "node0", "--wait")
     assert [r["state"] for r in reply["results"]] == ["success"]
+    wait_for(lambda: "re-attaching to its process" in node.log("node0").read_text(), "re-attach")
+    gate.touch()
     info = wait_job(node, parent["jobs"][0])
     assert states(info) == {"node0": "success"}
     assert node.clients["node0"].pid == pid_before  # re-executed in place
-    assert "re-attaching to its process" in node.log("node0").read_text()
     assert log.read_text() == "long-done\n"
