@@ -6,8 +6,9 @@
 #   make fuzz    the hypothesis fuzzers against live listeners, long (5000 examples each)
 #   make check   ruff lint, ruff format check, mypy --strict
 #   make bench   the throughput benchmark (bench/throughput.py), the CLI's start-up
-#                (bench/cli_start.py), and what a job's process costs by how it is
-#                started (bench/spawn_strategies.py)
+#                (bench/cli_start.py), what a job's process costs by how it is
+#                started (bench/spawn_strategies.py), and one deadline sweep over deep
+#                queues (bench/sweep.py)
 #   make soak    30 minutes of orchestrations under SIGKILLs (bench/soak.py)
 #
 # Every target first makes sure .venv exists and holds directord with its dev
@@ -67,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/cli_start.py
 	$(BIN)/python bench/spawn_strategies.py
+	$(BIN)/python bench/sweep.py
 
 # Mixed orchestrations while clients and the server are SIGKILLed (30 minutes by
 # default; SOAK_ARGS='--minutes 2' for a short one). Exits 1 if a job ran twice,

@@ -55,3 +55,9 @@ def test_spawn_strategies_says_which_give_a_job_its_own_process_group() -> None:
     assert "yes (a session)" in lines["agent"]
     assert lines["dash-fork"].endswith("NO: shares the resident's")
     assert lines["dash-pty"].endswith("own process group: yes")
+
+
+def test_sweep_times_its_passes_over_queued_targets() -> None:
+    out = bench("sweep.py", "--nodes", "4", "--jobs", "10", "--passes", "3")
+    assert "40 pending targets on 4 nodes (3 online)" in out, out
+    assert "sweep pass: first" in out, out

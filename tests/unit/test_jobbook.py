@@ -196,6 +196,38 @@ def test_sweep_uses_each_jobs_own_timeout(b: Book) -> None:
     assert [j.id for j in b.book.queued_for("n0")] == [long_.id]
 
 
+def test_a_job_submitted_after_a_pass_still_ends_at_its_own_deadline(b: Book) -> None:
+    (long_,) = b.submit(("RUN", "--timeout 100 echo a", ["n0"]))
+    assert b.book.sweep(long_.submitted + 1, {}, set()) == set()  # n0 is quiet for ~100 s
+    (short,) = b.submit(("RUN", "--timeout 1 echo b", ["n0"]))
+    assert b.book.sweep(short.submitted + 1 + GRACE + 0.01, {}, set()) == {short.id}
+    assert short.results["n0"].state is State.UNDELIVERED
+    assert long_.results["n0"].state is State.QUEUED
+
+
+def test_a_node_going_away_starts_the_clock_of_the_jobs_it_holds(b: Book) -> None:
+    (job,) = b.submit(("RUN", "--timeout 10 echo", ["n0"]))
+    b.book.mark_delivered("n0", [job.id])
+    left = job.submitted + 50.0
+    for when in (job.submitted + 1, left):  # online: a job it holds never runs out
+        assert b.book.sweep(when, {"n0": when}, {"n0"}) == set()
+    assert b.book.sweep(left + 10 + GRACE, {"n0": left}, set()) == set()
+    assert b.book.sweep(left + 10 + GRACE + 0.01, {"n0": left}, set()) == {job.id}
+    assert job.results["n0"].state is State.LOST
+
+
+def test_a_job_sent_to_a_node_that_went_away_counts_from_its_submission(b: Book) -> None:
+    (job,) = b.submit(("RUN", "--timeout 10 echo", ["n0"]))
+    b.book.mark_sent(job.results["n0"])
+    job.results["n0"].sent = job.submitted + 8  # sent late, never acknowledged
+    overdue = job.submitted + 10 + GRACE + 0.01
+    # Online: the whole deadline counts from the sending.
+    assert b.book.sweep(overdue, {"n0": overdue}, {"n0"}) == set()
+    # Gone: from the submission, as for any node that never took it.
+    assert b.book.sweep(overdue + 0.01, {"n0": overdue}, set()) == {job.id}
+    assert job.results["n0"].state is State.UNDELIVERED
+
+
 # ---- watchers -------------------------------------------------------------------------------
 
 

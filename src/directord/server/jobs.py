@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterable
@@ -121,6 +122,11 @@ class JobBook:
         # here): each result asks whether its job is done, and scanning every target
         # for that cost a job to N nodes N x N checks.
         self._open: dict[str, int] = {}
+        # Node -> (no target of it can pass its deadline before this time, whether the
+        # node was online when that was worked out): a sweep skips the nodes whose work
+        # cannot be overdue yet, so a deep queue costs a pass nothing until its first
+        # deadline (100,000 queued targets took 58 ms of every pass, each second).
+        self._quiet_until: dict[str, tuple[float, bool]] = {}
 
     # ---- loading -------------------------------------------------------------------
     def load(
@@ -187,6 +193,7 @@ class JobBook:
                 target = TargetRecord(job_id=job.id, identity=identity)
                 job.results[identity] = target
                 self.pending.setdefault(identity, {})[target.key] = target
+                self._expect_deadline(identity, job.submitted + job.timeout + self.grace)
             self.jobs[job.id] = job
             if job.results:
                 self._open[job.id] = len(job.results)
@@ -339,17 +346,26 @@ class JobBook:
         """
         changed: set[str] = set()
         for identity, targets in list(self.pending.items()):
-            if identity in held:
+            is_online = identity in online
+            quiet = self._quiet_until.get(identity)
+            if identity in held or (
+                quiet is not None and quiet[1] == is_online and now <= quiet[0]
+            ):
                 continue
+            seen = last_seen.get(identity, 0.0)
+            soonest = math.inf
             for target in list(targets.values()):
                 job = self.jobs[target.job_id]
                 deadline = job.timeout + self.grace
                 # Sent to a node online now (it came back, from a reboot say): it has
                 # the whole deadline to take the job, not what was left of it.
                 since = job.submitted
-                if identity in online and target.sent is not None:
+                if is_online and target.sent is not None:
                     since = max(since, target.sent)
-                if target.state is State.QUEUED and now > since + deadline:
+                if target.state is State.QUEUED:
+                    if now <= since + deadline:
+                        soonest = min(soonest, since + deadline)
+                        continue
                     self.finish(
                         identity,
                         target,
@@ -357,11 +373,10 @@ class JobBook:
                         stderr=f"node {identity} did not take the job before its deadline",
                     )
                     changed.add(job.id)
-                elif (
-                    target.state is State.DELIVERED
-                    and identity not in online
-                    and now > last_seen.get(identity, 0.0) + deadline
-                ):
+                elif target.state is State.DELIVERED and not is_online:
+                    if now <= seen + deadline:
+                        soonest = min(soonest, seen + deadline)
+                        continue
                     self.finish(
                         identity,
                         target,
@@ -369,9 +384,21 @@ class JobBook:
                         stderr=f"node {identity} went away while holding the job",
                     )
                     changed.add(job.id)
-            if not targets:
+            if targets:
+                # Valid while the node stays as online as it is now: a node going away
+                # starts its held jobs' clocks, and one coming back restarts its queued
+                # jobs' from when they were sent.
+                self._quiet_until[identity] = (soonest, is_online)
+            else:
                 del self.pending[identity]
+                self._quiet_until.pop(identity, None)
         return changed
+
+    def _expect_deadline(self, identity: str, at: float) -> None:
+        """A target of ``identity`` may pass its deadline as soon as ``at``."""
+        quiet = self._quiet_until.get(identity)
+        if quiet is not None and at < quiet[0]:
+            self._quiet_until[identity] = (at, quiet[1])
 
     def give_up(self, identity: str, why: str) -> set[str]:
         """End every job a node still owes: ``undelivered`` if never taken, else ``lost``.
@@ -389,6 +416,7 @@ class JobBook:
             )
             changed.add(target.job_id)
         self.pending.pop(identity, None)
+        self._quiet_until.pop(identity, None)
         return changed
 
     # ---- watchers ------------------------------------------------------------------
