@@ -239,6 +239,36 @@ class APIClient:
                     ) from None
                 retried = True
 
+    async def jobs(self, filter: str | None = None, *, full: bool = False) -> list[dict[str, Any]]:
+        """Every job's summary, or with ``full`` its whole record, oldest first.
+
+        Asked for in pages, so that no history is too long to list.
+        """
+        rows: list[dict[str, Any]] = []
+        start: int | None = 0
+        while start is not None:
+            page = await self.call("jobs", {"filter": filter, "full": full, "from": start})
+            if isinstance(page, list):  # a server from before pages sends everything
+                return page
+            rows.extend(page["jobs"])
+            start = page["next"]
+        return rows
+
+    async def job_info(self, job_id: str) -> dict[str, Any]:
+        """Everything about one job (an id, a unique prefix of one, or ``last``).
+
+        Its results are asked for in pages: a job's outputs from many nodes can be
+        more than one message may carry.
+        """
+        page = await self.call("job_info", {"id": job_id, "from": 0})
+        if "next" not in page:  # a server from before pages sends everything
+            return dict(page)
+        info: dict[str, Any] = page["job"]
+        while page["next"] is not None:
+            page = await self.call("job_info", {"id": info["id"], "from": page["next"]})
+            info["results"].update(page["job"]["results"])
+        return info
+
     async def watch(
         self,
         *,
@@ -532,8 +562,7 @@ class DirectordConnect:
         async def wait() -> dict[str, Any]:
             async for _ in self._client.watch(jobs=[job_id]):
                 pass
-            info: dict[str, Any] = await self._client.call("job_info", {"id": job_id})
-            return info
+            return await self._client.job_info(job_id)
 
         try:
             info = self._runner.run(asyncio.wait_for(wait(), timeout))
@@ -565,7 +594,7 @@ class DirectordConnect:
 
     def jobs(self, filter: str | None = None) -> list[dict[str, Any]]:
         """Every job's summary (optionally only success / failed / processing)."""
-        jobs: list[dict[str, Any]] = self._call("jobs", {"filter": filter})
+        jobs: list[dict[str, Any]] = self._runner.run(self._client.jobs(filter))
         return jobs
 
     def list_jobs(self) -> dict[str, dict[str, Any]]:
@@ -574,7 +603,7 @@ class DirectordConnect:
 
     def job_info(self, job_id: str) -> dict[str, Any]:
         """Everything about one job (``last`` for the newest)."""
-        info: dict[str, Any] = self._call("job_info", {"id": job_id})
+        info: dict[str, Any] = self._runner.run(self._client.job_info(job_id))
         return info
 
     def purge(self, what: str) -> int:

@@ -94,7 +94,7 @@ async def run_unit_job(
     [job_id] = parent["jobs"]
     async for _ in client.watch(jobs=[job_id], summary=True):
         pass
-    info = await client.call("job_info", {"id": job_id})
+    info = await client.job_info(job_id)
     return [_reply(node, result) for node, result in sorted(info["results"].items())]
 
 

@@ -445,3 +445,11 @@ def test_finish_refuses_a_state_that_is_not_final(b: Book) -> None:
     with pytest.raises(ValueError, match="final"):
         b.book.finish("n0", job.results["n0"], State.DELIVERED)
     assert not b.book.is_done(job)
+
+
+def test_jobs_from_a_number_are_listed_oldest_first_even_after_a_restart(b: Book) -> None:
+    jobs = b.submit(*[("RUN", f"echo {i}", ["n0"]) for i in range(5)])
+    for book in (b.book, b.restarted(reverse=True).book):
+        assert [j.id for j in book.jobs_from(0)] == [j.id for j in jobs]
+        assert [j.id for j in book.jobs_from(jobs[2].order)] == [j.id for j in jobs[2:]]
+        assert book.jobs_from(jobs[-1].order + 1) == []

@@ -10,7 +10,7 @@ from typing import Any
 
 from directord.cli.render import ago, seconds, table, to_json, until
 from directord.config import Settings
-from directord.connect import client_for
+from directord.connect import APIClient, client_for
 from directord.errors import ConfigError
 
 
@@ -101,6 +101,21 @@ def _dump_cache(settings: Settings) -> int:
     return 0
 
 
+async def _export_jobs(client: APIClient) -> list[dict[str, Any]]:
+    """Every job's whole record: each job's results in pages of their own.
+
+    One job's outputs alone can be more than one message carries, so a job is
+    asked for by itself.
+    """
+    records = []
+    for row in await client.jobs():
+        try:
+            records.append(await client.job_info(row["id"]))
+        except ConfigError:  # forgotten (purged, or past the retention) since it was listed
+            continue
+    return records
+
+
 async def _remote(ns: argparse.Namespace, settings: Settings) -> int:
     async with client_for(settings) as client:
         if ns.is_online:
@@ -109,10 +124,10 @@ async def _remote(ns: argparse.Namespace, settings: Settings) -> int:
             nodes = await client.call("nodes")
             print(to_json(nodes) if ns.format == "json" else _nodes_table(nodes))
         elif ns.list_jobs:
-            jobs = await client.call("jobs", {"filter": ns.filter})
+            jobs = await client.jobs(ns.filter)
             print(to_json(jobs) if ns.format == "json" else _jobs_table(jobs))
         elif ns.job_info:
-            info = await client.call("job_info", {"id": ns.job_info})
+            info = await client.job_info(ns.job_info)
             print(to_json(info) if ns.format == "json" else _job_info(info))
         elif ns.cancel_job or ns.cancel_parent:
             reply = await client.call(
@@ -134,11 +149,7 @@ async def _remote(ns: argparse.Namespace, settings: Settings) -> int:
             reply = await client.call(f"purge_{what}")
             print(to_json(reply) if ns.format == "json" else f"purged {reply['purged']} {what}")
         elif ns.export_jobs or ns.export_nodes:
-            data = (
-                await client.call("jobs", {"full": True})
-                if ns.export_jobs
-                else await client.call("nodes")
-            )
+            data = await _export_jobs(client) if ns.export_jobs else await client.call("nodes")
             path = ns.export_jobs or ns.export_nodes
             try:
                 text = json.dumps(data, indent=2, default=str) + "\n"

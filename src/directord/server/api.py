@@ -297,7 +297,19 @@ class APIServer:
             log.exception("API method %r failed", request.method)
             error = ErrorInfo(type="InternalError", msg=f"server error: {exc}", code="internal")
             reply = ApiReply(rid=request.rid, ok=False, error=error)
-        await send([reply])
+        try:
+            await send([reply])
+        except ProtocolError as exc:
+            # Nothing was written: the answer outgrew a frame. Clients of this version
+            # ask for long lists in pages; an older one gets told why, not cut off.
+            log.warning("API: the answer to %s is too large to send: %s", request.method, exc)
+            error = ErrorInfo(
+                type="ProtocolError",
+                msg=f"the answer to {request.method!r} is too large to send ({exc}); "
+                "a directord client of this version asks for it in pages",
+                code=ProtocolError.code,
+            )
+            await send([ApiReply(rid=request.rid, ok=False, error=error)])
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

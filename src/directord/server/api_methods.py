@@ -18,7 +18,9 @@ from directord.server import analysis
 from directord.server.filestore import FileStore, UploadSession
 from directord.server.jobs import JobBook
 from directord.server.nodes import NodeRegistry
+from directord.server.paging import in_pages, start_of, take_page
 from directord.server.persist import Persister
+from directord.server.records import JobRecord
 from directord.server.submit import Submissions
 
 Handler = Callable[[dict[str, Any], UploadSession], Awaitable[Any]]
@@ -87,29 +89,31 @@ class ApiMethods:
     async def nodes(self, params: dict[str, Any], uploads: UploadSession) -> list[dict[str, Any]]:
         return self.parts.nodes.listing()
 
-    async def jobs(self, params: dict[str, Any], uploads: UploadSession) -> list[dict[str, Any]]:
+    async def jobs(self, params: dict[str, Any], uploads: UploadSession) -> Any:
         book = self.parts.jobs
-        rows = [j.summary() for j in sorted(book.jobs.values(), key=lambda j: j.order)]
-        wanted = params.get("filter")
-        if wanted == "success":
-            rows = [r for r in rows if r["success"] and not r["failed"] and not r["processing"]]
-        elif wanted == "failed":
-            rows = [r for r in rows if r["failed"]]
-        elif wanted == "processing":
-            rows = [r for r in rows if r["processing"]]
-        elif wanted:
-            raise ConfigError(
-                f"unknown filter {wanted!r} (success, failed, processing)", key="filter"
-            )
-        if params.get("full"):
-            return [book.jobs[r["id"]].info() for r in rows]
-        return rows
+        keep = _job_filter(params.get("filter"))
+        row = JobRecord.info if params.get("full") else JobRecord.summary
+        if "from" not in params:  # a client from before pages: everything, if it fits a frame
+            return [row(j) for j in book.jobs.values() if keep(j)]
+        rows, next_page = take_page(
+            (job.order, row(job)) for job in book.jobs_from(start_of(params)) if keep(job)
+        )
+        return {"jobs": rows, "next": next_page}
 
-    async def job_info(self, params: dict[str, Any], uploads: UploadSession) -> dict[str, Any]:
+    async def job_info(self, params: dict[str, Any], uploads: UploadSession) -> Any:
         job = self.parts.jobs.resolve(str(params.get("id", "")))
         if job is None:
             raise ConfigError(f"no job {params.get('id')!r}", key="job-info")
-        return job.info()
+        if "from" not in params:  # a client from before pages
+            return job.info()
+        first = start_of(params)
+        targets = list(job.results.values())
+        shown, next_page = take_page(
+            (index, targets[index].to_dict()) for index in range(first, len(targets))
+        )
+        info = job.info(results=())
+        info["results"] = {r["identity"]: r for r in shown}
+        return {"job": info, "next": next_page}
 
     async def parent_info(self, params: dict[str, Any], uploads: UploadSession) -> dict[str, Any]:
         book = self.parts.jobs
@@ -186,14 +190,31 @@ class ApiMethods:
         try:
             while True:
                 events = watcher.take()
-                if events:
-                    await send([ApiEvent(rid=rid, **event) for event in events])
+                for page in in_pages(events):  # a replay of many results outgrows a frame
+                    await send([ApiEvent(rid=rid, **event) for event in page])
                 if not watcher.pending and not watcher.events:
                     break
                 await watcher.wake.wait()
             await send([ApiEvent(rid=rid, ev="done")])
         finally:
             book.unwatch(watcher)
+
+
+def _job_filter(wanted: object) -> Callable[[JobRecord], bool]:
+    """Which jobs a ``jobs`` call with ``filter`` lists.
+
+    Raises:
+        ConfigError: an unknown filter.
+    """
+    if not wanted:
+        return lambda job: True
+    if wanted == "success":
+        return lambda job: bool(job.results) and all(t.state.ok for t in job.results.values())
+    if wanted == "failed":
+        return lambda job: any(t.state.final and not t.state.ok for t in job.results.values())
+    if wanted == "processing":
+        return lambda job: any(not t.state.final for t in job.results.values())
+    raise ConfigError(f"unknown filter {wanted!r} (success, failed, processing)", key="filter")
 
 
 def _listed(value: object) -> Iterable[object]:

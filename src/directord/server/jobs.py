@@ -9,6 +9,7 @@ watchers (``--wait``/``--stream`` users).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import time
@@ -111,6 +112,7 @@ class JobBook:
         #: seconds an ended job is kept before it is forgotten (0: until purged)
         self.retention = retention
         self._next_forget = 0.0
+        #: in submission order (``order``), which paged listings rely on
         self.jobs: dict[str, JobRecord] = {}
         self.parents: dict[str, ParentRecord] = {}
         self._order = 0
@@ -475,6 +477,11 @@ class JobBook:
             del self._watchers[job.id]
 
     # ---- listing and purging ---------------------------------------------------------
+    def jobs_from(self, order: int) -> list[JobRecord]:
+        """The jobs numbered ``order`` and after, oldest first."""
+        jobs = list(self.jobs.values())  # in submission order: record() and load() keep it
+        return jobs[bisect.bisect_left(jobs, order, key=lambda job: job.order) :]
+
     def resolve(self, job_id: str) -> JobRecord | None:
         """A job by id, id prefix, or ``last``."""
         if job_id == "last":

@@ -6,6 +6,7 @@ Each record converts to and from the plain dict the datastore keeps.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,11 +270,15 @@ class JobRecord:
             "targets": list(self.targets),
         }
 
-    def info(self) -> dict[str, Any]:
-        """Everything about the job, for ``--job-info`` and watchers."""
+    def info(self, results: Iterable[TargetRecord] | None = None) -> dict[str, Any]:
+        """Everything about the job, for ``--job-info`` and watchers.
+
+        ``results``: only these (a page of them); every result by default.
+        """
         data = self.to_dict()
         data["files"] = [{"name": f.name, "size": f.size} for f in self.files]
-        data["results"] = {k: r.to_dict() for k, r in self.results.items()}
+        shown = self.results.values() if results is None else results
+        data["results"] = {r.identity: r.to_dict() for r in shown}
         data.update({k: v for k, v in self.summary().items() if k not in data})
         return data
 
