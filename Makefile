@@ -7,8 +7,9 @@
 #   make check   ruff lint, ruff format check, mypy --strict
 #   make bench   the throughput benchmark (bench/throughput.py), the CLI's start-up
 #                (bench/cli_start.py), what a job's process costs by how it is
-#                started (bench/spawn_strategies.py), and one deadline sweep over deep
-#                queues (bench/sweep.py)
+#                started (bench/spawn_strategies.py), one deadline sweep over deep
+#                queues (bench/sweep.py), and a restart's read of a long history
+#                (bench/restart.py)
 #   make soak    30 minutes of orchestrations under SIGKILLs (bench/soak.py)
 #
 # Every target first makes sure .venv exists and holds directord with its dev
@@ -69,6 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cli_start.py
 	$(BIN)/python bench/spawn_strategies.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/restart.py
 
 # Mixed orchestrations while clients and the server are SIGKILLed (30 minutes by
 # default; SOAK_ARGS='--minutes 2' for a short one). Exits 1 if a job ran twice,

@@ -61,3 +61,9 @@ def test_sweep_times_its_passes_over_queued_targets() -> None:
     out = bench("sweep.py", "--nodes", "4", "--jobs", "10", "--passes", "3")
     assert "40 pending targets on 4 nodes (3 online)" in out, out
     assert "sweep pass: first" in out, out
+
+
+def test_restart_times_reading_back_a_stored_history() -> None:
+    out = bench("restart.py", "--jobs", "20", "--nodes", "2", "--rounds", "1")
+    assert "20 jobs x 2 nodes: 40 stored results" in out, out
+    assert "us per result" in out, out

@@ -66,9 +66,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-import msgpack
-
 from directord.datastores.base import Datastore, Deletes, Puts, Value
+from directord.datastores.packing import pack_value, unpack_value
 from directord.errors import ConfigError, DatastoreError, MissingDependencyError
 
 try:
@@ -194,21 +193,6 @@ def parse_url(url: str) -> RedisURL:
     )
 
 
-def _pack(value: Value) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
-def _unpack(blob: bytes, where: str) -> Value:
-    try:
-        value: Any = msgpack.unpackb(blob, raw=False)
-    except (ValueError, TypeError) as exc:
-        raise DatastoreError(f"{where}: stored value is not msgpack: {exc}") from None
-    if not isinstance(value, dict):
-        raise DatastoreError(f"{where}: stored value is not a mapping")
-    return value
-
-
 class RedisDatastore(Datastore):
     """One Redis hash per namespace, written in MULTI/EXEC transactions."""
 
@@ -314,7 +298,7 @@ class RedisDatastore(Datastore):
             key = raw.decode()
         except UnicodeDecodeError:
             raise DatastoreError(f"{where}: key is not UTF-8") from None
-        return key, _unpack(blob, where)
+        return key, unpack_value(blob, where)
 
     async def apply(self, puts: Puts, deletes: Deletes | None = None) -> None:
         client = self._conn()
@@ -322,7 +306,7 @@ class RedisDatastore(Datastore):
         # fails the whole batch instead of a part of it.
         try:
             packed: dict[str, dict[FieldT, EncodableT]] = {
-                ns: {key: _pack(dict(value)) for key, value in items.items()}
+                ns: {key: pack_value(dict(value)) for key, value in items.items()}
                 for ns, items in puts.items()
                 if items
             }

@@ -16,25 +16,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any, ClassVar
-
-import msgpack
+from typing import ClassVar
 
 from directord.datastores.base import Datastore, Deletes, Puts, Value
+from directord.datastores.packing import pack_value, unpack_value
 from directord.errors import ConfigError, DatastoreError
 from directord.security.private import private_directory, private_file
-
-
-def _pack(value: Value) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
-def _unpack(blob: bytes) -> Value:
-    value: Any = msgpack.unpackb(blob, raw=False)
-    if not isinstance(value, dict):
-        raise DatastoreError("stored value is not a mapping")
-    return value
 
 
 class SqliteDatastore(Datastore):
@@ -84,11 +71,11 @@ class SqliteDatastore(Datastore):
             .execute("SELECT value FROM kv WHERE ns=? AND key=?", (namespace, key))
             .fetchone()
         )
-        return _unpack(row[0]) if row else None
+        return unpack_value(row[0], f"{namespace}/{key}") if row else None
 
     async def scan(self, namespace: str) -> dict[str, Value]:
         rows = self._conn().execute("SELECT key, value FROM kv WHERE ns=?", (namespace,))
-        return {key: _unpack(blob) for key, blob in rows}
+        return {key: unpack_value(blob, f"{namespace}/{key}") for key, blob in rows}
 
     async def apply(self, puts: Puts, deletes: Deletes | None = None) -> None:
         db = self._conn()
@@ -96,7 +83,7 @@ class SqliteDatastore(Datastore):
         # fail the whole batch, not leave its earlier rows written in an open transaction.
         try:
             rows = [
-                (ns, key, _pack(dict(value)))
+                (ns, key, pack_value(dict(value)))
                 for ns, items in puts.items()
                 for key, value in items.items()
             ]

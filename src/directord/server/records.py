@@ -50,8 +50,7 @@ class NodeRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeRecord:
         """Rebuild from a stored dict, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in _NODE_FIELDS})
 
 
 @dataclass(slots=True)
@@ -97,11 +96,16 @@ class TargetRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetRecord:
-        """Rebuild from a stored dict."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        rec = cls(**{k: v for k, v in data.items() if k in names})
+        """Rebuild from a stored dict, ignoring unknown keys."""
+        rec = cls(**{k: v for k, v in data.items() if k in _TARGET_FIELDS})
         rec.state = State(rec.state)
         return rec
+
+
+# Read once: a server restart rebuilds every stored result (dataclasses.fields
+# per record was half the cost of it).
+_NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeRecord))
+_TARGET_FIELDS = frozenset(f.name for f in dataclasses.fields(TargetRecord))
 
 
 @dataclass(slots=True)
