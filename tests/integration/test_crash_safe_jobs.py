@@ -74,7 +74,7 @@ def test_a_job_still_running_when_the_agent_returns_is_awaited(tmp_path: Path) -
         gate.touch()
         await until(lambda: _target(c, second).final, "step 2")
         record = c.server.jobs.jobs[first].results["node0"]
-        assert record.state is State.SUCCESS and record.history == []
+        assert record.state is State.SUCCESS and record.to_dict()["history"] == []
 
     run(tmp_path, scenario, nodes=1)
     assert log.read_text() == "step1-done\nstep2\n"

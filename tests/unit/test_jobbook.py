@@ -453,3 +453,17 @@ def test_jobs_from_a_number_are_listed_oldest_first_even_after_a_restart(b: Book
         assert [j.id for j in book.jobs_from(0)] == [j.id for j in jobs]
         assert [j.id for j in book.jobs_from(jobs[2].order)] == [j.id for j in jobs[2:]]
         assert book.jobs_from(jobs[-1].order + 1) == []
+
+
+def test_a_nodes_real_result_replaces_lost_and_the_history_keeps_it(b: Book) -> None:
+    (job,) = b.submit(("RUN", "echo", ["n0"]))
+    target = job.results["n0"]
+    assert target.to_dict()["history"] == []  # none yet, listed as an empty one
+    b.book.finish("n0", target, State.LOST, stderr="went away")
+    b.book.finish("n0", target, State.SUCCESS, stdout="ok\n", reported=True)
+    b.book.finish("n0", target, State.FAILED, reported=True)  # a second report changes nothing
+    assert (target.state, target.stdout) == (State.SUCCESS, "ok\n")
+    [lost] = target.to_dict()["history"]
+    assert (lost["state"], lost["stderr"]) == ("lost", "went away")
+    again = b.restarted().book.jobs[job.id].results["n0"]
+    assert again.to_dict()["history"] == [lost]

@@ -274,9 +274,10 @@ class JobBook:
         if target.state.final:
             if not reported or target.state is not State.LOST or state is State.LOST:
                 return
-            target.history.append(
-                {"state": target.state.value, "at": target.finished, "stderr": target.stderr}
-            )
+            target.history = [
+                *(target.history or ()),
+                {"state": target.state.value, "at": target.finished, "stderr": target.stderr},
+            ]
             log.info("job %s on %s: lost is now %s", target.job_id, identity, state)
         else:
             left = self._open.get(target.job_id, 0) - 1
