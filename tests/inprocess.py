@@ -39,10 +39,9 @@ class InProcessCluster:
         self.socket_path = str(root / "api.sock")
         self.server = Server(
             Settings(
-                datastore="memory",
                 socket_path=self.socket_path,
                 heartbeat_interval=heartbeat,
-                **server_options,
+                **{"datastore": "memory", **server_options},
             ),
             transport=MemoryTransport(Settings(), hub=self.hub),
         )

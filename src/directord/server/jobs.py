@@ -18,9 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from directord.models import JobSpec, State
 from directord.server.persist import Persister
-from directord.server.records import JobRecord, TargetRecord
+from directord.server.records import JobRecord, TargetRecord, rebuild
 
 log = logging.getLogger(__name__)
 JOBS, RESULTS, PARENTS = "jobs", "results", "parents"
@@ -57,6 +59,11 @@ class ParentRecord:
             "jobs": self.jobs,
             "is_async": self.is_async,
         }
+
+
+def _parent_from_dict(data: dict[str, Any]) -> ParentRecord:
+    """A stored orchestration run; older stores may lack its name and time."""
+    return msgspec.convert({"name": "", "submitted": 0.0, **data}, ParentRecord)
 
 
 @dataclass(slots=True)
@@ -138,15 +145,20 @@ class JobBook:
         parents: dict[str, dict[str, Any]],
     ) -> None:
         """Adopt stored history."""
+        readable = [
+            (job_id, job)
+            for job_id, data in jobs.items()
+            if (job := rebuild(JobRecord.from_dict, JOBS, job_id, data)) is not None
+        ]
         # In submission order, as recorded ones are: forgetting stops at the first job
-        # submitted after its cutoff.
-        for job_id, data in sorted(jobs.items(), key=lambda item: item[1].get("order", 0)):
-            self.jobs[job_id] = JobRecord.from_dict(data)
-            self._order = max(self._order, self.jobs[job_id].order)
-        for data in results.values():
-            target = TargetRecord.from_dict(data)
-            job = self.jobs.get(target.job_id)
-            if job is not None:
+        # submitted after its cutoff, and listings page by job number.
+        for job_id, job in sorted(readable, key=lambda item: item[1].order):
+            self.jobs[job_id] = job
+            self._order = max(self._order, job.order)
+        for key, data in results.items():
+            target = rebuild(TargetRecord.from_dict, RESULTS, key, data)
+            job = self.jobs.get(target.job_id) if target is not None else None
+            if target is not None and job is not None:
                 job.results[target.identity] = target
         # Only final results are stored; a target without one is still owed.
         for job in self.jobs.values():
@@ -160,13 +172,9 @@ class JobBook:
             if open_targets:
                 self._open[job.id] = open_targets
         for parent_id, data in parents.items():
-            self.parents[parent_id] = ParentRecord(
-                id=parent_id,
-                name=data.get("name", ""),
-                submitted=data.get("submitted", 0.0),
-                jobs=list(data.get("jobs", [])),
-                is_async=bool(data.get("is_async")),
-            )
+            parent = rebuild(_parent_from_dict, PARENTS, parent_id, {"id": parent_id, **data})
+            if parent is not None:
+                self.parents[parent_id] = parent
 
     # ---- submission ----------------------------------------------------------------
     def record(

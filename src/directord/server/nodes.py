@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from directord.protocol import Hello
 from directord.server.persist import Persister
-from directord.server.records import NodeRecord
+from directord.server.records import NodeRecord, rebuild
 
 if TYPE_CHECKING:
     from directord.server.sessions import AgentSession
@@ -40,9 +40,10 @@ class NodeRegistry:
     def load(self, stored: dict[str, dict[str, Any]]) -> None:
         """Adopt stored nodes; all start offline until they reconnect."""
         for identity, data in stored.items():
-            rec = NodeRecord.from_dict(data)
-            rec.online = False
-            self.records[identity] = rec
+            rec = rebuild(NodeRecord.from_dict, NS, identity, data)
+            if rec is not None:
+                rec.online = False
+                self.records[identity] = rec
 
     def attach(self, session: AgentSession, hello: Hello) -> NodeRecord | None:
         """Bind a registered session to its identity; None if the identity is in use."""

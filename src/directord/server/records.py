@@ -1,17 +1,43 @@
 """Mutable server-side records of nodes, jobs, per-node results and parents.
 
-Each record converts to and from the plain dict the datastore keeps.
+Each record converts to and from the plain dict the datastore keeps. A stored
+dict is checked field by field as it is read back (msgspec): the datastore is
+a file or a service, and a record it returns may be damaged or edited.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from directord.models import FileRef, JobSpec, State
 from directord.protocol import Job
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+def rebuild(kind: Callable[[dict[str, Any]], R], namespace: str, key: str, data: Any) -> R | None:
+    """The record stored at ``namespace/key``, or None (logged) if it cannot be read.
+
+    A record that cannot be read is left out and left in the store: the server
+    starts without it rather than not at all, and nothing stored is lost.
+    """
+    try:
+        return kind(data)
+    except (ValueError, TypeError, KeyError) as exc:  # msgspec.ValidationError is a ValueError
+        log.error(
+            "datastore: %s/%s cannot be read (%s); left out, and left in the store",
+            namespace,
+            key,
+            exc,
+        )
+        return None
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -49,8 +75,12 @@ class NodeRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeRecord:
-        """Rebuild from a stored dict, ignoring unknown keys."""
-        return cls(**{k: v for k, v in data.items() if k in _NODE_FIELDS})
+        """Rebuild from a stored dict, ignoring unknown keys.
+
+        Raises:
+            msgspec.ValidationError: a field missing or of the wrong type (named).
+        """
+        return msgspec.convert(data, cls)
 
 
 @dataclass(slots=True)
@@ -97,17 +127,43 @@ class TargetRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetRecord:
-        """Rebuild from a stored dict, ignoring unknown keys."""
-        rec = cls(**{k: v for k, v in data.items() if k in _TARGET_FIELDS})
+        """Rebuild from a stored dict, ignoring unknown keys.
+
+        Raises:
+            msgspec.ValidationError: a field missing or of the wrong type (named).
+        """
+        rec = msgspec.convert(data, cls)
         rec.history = rec.history or None
-        rec.state = State(rec.state)
         return rec
 
 
-# Read once: a server restart rebuilds every stored result (dataclasses.fields
-# per record was half the cost of it).
-_NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeRecord))
-_TARGET_FIELDS = frozenset(f.name for f in dataclasses.fields(TargetRecord))
+class _StoredJob(msgspec.Struct):
+    """A job as the datastore keeps it (``JobRecord.to_dict``): what reading one checks.
+
+    Fields later releases added have defaults, and may be null in older stores.
+    """
+
+    id: str
+    parent_id: str
+    parent_name: str
+    verb: str
+    sha: str
+    options: dict[str, Any]
+    timeout: float
+    run_once: bool
+    skip_cache: bool
+    lane: str
+    stream: bool
+    submitted: float
+    order: int
+    name: str = ""
+    vars: dict[str, Any] | None = None
+    targets: list[str] | None = None
+    files: list[Any] | None = None
+    component: Any = None
+    query: dict[str, Any] | None = None
+    query_done: bool = False
+    cancels: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -220,39 +276,44 @@ class JobRecord:
 
         A file entry stored before files were kept by content (a path, no sha256)
         is dropped: its job can no longer be served, and says so when asked.
+
+        Raises:
+            msgspec.ValidationError: a field missing or of the wrong type (named).
+            ValueError, TypeError: a file entry that is not one.
         """
+        stored = msgspec.convert(data, _StoredJob)
         files = tuple(
             FileRef(str(f["name"]), int(f["size"]), str(f["sha256"]))
-            for f in data.get("files") or ()
+            for f in stored.files or ()
             if isinstance(f, dict) and "sha256" in f
         )
         spec = JobSpec(
-            verb=data["verb"],
-            options=data["options"],
-            sha=data["sha"],
-            timeout=data["timeout"],
-            run_once=data["run_once"],
-            skip_cache=data["skip_cache"],
-            name=data.get("name", ""),
-            vars=data.get("vars") or {},
+            verb=stored.verb,
+            options=stored.options,
+            sha=stored.sha,
+            timeout=stored.timeout,
+            run_once=stored.run_once,
+            skip_cache=stored.skip_cache,
+            name=stored.name,
+            vars=stored.vars or {},
             files=files,
-            component=_component_ref(data.get("component")),
+            component=_component_ref(stored.component),
         )
         return cls(
-            id=data["id"],
-            parent_id=data["parent_id"],
-            parent_name=data["parent_name"],
+            id=stored.id,
+            parent_id=stored.parent_id,
+            parent_name=stored.parent_name,
             spec=spec,
-            lane=data["lane"],
-            stream=data["stream"],
-            submitted=data["submitted"],
-            order=data["order"],
-            targets=list(data.get("targets") or []),
-            query=dict(data.get("query") or {}),
-            query_done=bool(data.get("query_done")),
+            lane=stored.lane,
+            stream=stored.stream,
+            submitted=stored.submitted,
+            order=stored.order,
+            targets=stored.targets or [],
+            query=stored.query or {},
+            query_done=stored.query_done,
             cancels={
                 str(k): [bool(v[0]), str(v[1])]
-                for k, v in dict(data.get("cancels") or {}).items()
+                for k, v in (stored.cancels or {}).items()
                 if isinstance(v, list) and len(v) == 2
             },
         )
