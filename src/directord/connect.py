@@ -250,8 +250,8 @@ class APIClient:
             page = await self.call("jobs", {"filter": filter, "full": full, "from": start})
             if isinstance(page, list):  # a server from before pages sends everything
                 return page
-            rows.extend(page["jobs"])
-            start = page["next"]
+            items, start = _page(page, "jobs", start)
+            rows.extend(items)
         return rows
 
     async def job_info(self, job_id: str) -> dict[str, Any]:
@@ -261,12 +261,14 @@ class APIClient:
         more than one message may carry.
         """
         page = await self.call("job_info", {"id": job_id, "from": 0})
-        if "next" not in page:  # a server from before pages sends everything
+        if isinstance(page, dict) and "next" not in page:  # a server from before pages
             return dict(page)
-        info: dict[str, Any] = page["job"]
-        while page["next"] is not None:
-            page = await self.call("job_info", {"id": info["id"], "from": page["next"]})
-            info["results"].update(page["job"]["results"])
+        info: dict[str, Any]
+        info, start = _page(page, "job", 0)
+        while start is not None:
+            page = await self.call("job_info", {"id": info["id"], "from": start})
+            more, start = _page(page, "job", start)
+            info["results"].update(more["results"])
         return info
 
     async def watch(
@@ -295,6 +297,26 @@ class APIClient:
                 return
             yield event
             event = await self._next()
+
+
+def _page(page: Any, key: str, start: int) -> tuple[Any, int | None]:
+    """A page's items (``page[key]``) and where the next starts, checked.
+
+    Raises:
+        ProtocolError: not a page, or a next page that does not start later (a
+            server that would keep this client asking for ever).
+    """
+    items = page.get(key) if isinstance(page, dict) else None
+    if key == "jobs":
+        well_formed = isinstance(items, list)
+    else:
+        well_formed = isinstance(items, dict) and isinstance(items.get("results"), dict)
+    if not well_formed:
+        raise ProtocolError(f"the server's page of {key!r} is malformed")
+    nxt = page.get("next")
+    if nxt is not None and (not isinstance(nxt, int) or isinstance(nxt, bool) or nxt <= start):
+        raise ProtocolError(f"the server's next page of {key!r} ({nxt!r}) does not follow {start}")
+    return items, nxt
 
 
 def prepare_files(

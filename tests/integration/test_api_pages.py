@@ -7,12 +7,15 @@ every job and every result, in order, whatever filter it asks for.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from directord.connect import APIClient
-from directord.errors import ConfigError
+from directord.errors import ConfigError, ProtocolError
+from directord.protocol import FROM_USER, ApiReply, FrameDecoder, frame
 from directord.server import paging
 from tests.inprocess import InProcessCluster, run
 
@@ -85,3 +88,46 @@ def test_a_page_start_that_is_not_a_count_is_refused(tmp_path: Path) -> None:
             assert len(await client.jobs()) == JOBS  # the connection still serves
 
     run(tmp_path, scenario, nodes=1)
+
+
+# ---- a server that pages wrongly ------------------------------------------------------------
+
+HOSTILE_PAGES = {
+    "next-repeats": {"jobs": [{"id": "a"}], "next": 0},  # would be asked for ever
+    "next-goes-back": {"jobs": [], "next": -5},
+    "next-not-a-number": {"jobs": [], "next": "1"},
+    "jobs-not-a-list": {"jobs": {"id": "a"}, "next": None},
+    "job-without-results": {"job": {"id": "a"}, "next": None},
+    "job-next-repeats": {"job": {"id": "a", "results": {}}, "next": 0},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PAGES))
+def test_a_client_refuses_pages_that_do_not_add_up(tmp_path: Path, case: str) -> None:
+    path = str(tmp_path / "fake.sock")
+    asked: list[dict[str, Any]] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(FROM_USER)
+        while data := await reader.read(65536):
+            for batch in decoder.feed(data):
+                for request in batch:
+                    asked.append(request.params)
+                    reply = ApiReply(rid=request.rid, ok=True, result=HOSTILE_PAGES[case])
+                    writer.write(frame([reply]))
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(answer, path)
+        try:
+            async with APIClient(path) as client:
+                with pytest.raises(ProtocolError, match=r"the server's (next )?page of"):
+                    if "jobs" in HOSTILE_PAGES[case]:
+                        await client.jobs()
+                    else:
+                        await client.job_info("a")
+        finally:
+            server.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert len(asked) <= 2  # refused at once, never looping
